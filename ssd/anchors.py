@@ -1,0 +1,207 @@
+"""Anchor boxes: generation, labeling with offsets, and detection output.
+
+The names and signatures are the book's (d2l, "Anchor Boxes" and "Single Shot Multibox
+Detection"), so readers of the chapter find them; the bodies are batched. Boxes are corner
+``(x1, y1, x2, y2)`` normalised to [0, 1]. Label rows are ``(class, x1, y1, x2, y2)``;
+a row whose class is negative is padding, so images with different numbers of objects
+batch together.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.ops import nms
+
+from .boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
+
+__all__ = [
+    "multibox_prior",
+    "assign_anchor_to_bbox",
+    "offset_boxes",
+    "offset_inverse",
+    "multibox_target",
+    "nms",
+    "multibox_detection",
+]
+
+
+def multibox_prior(data: torch.Tensor, sizes: list[float], ratios: list[float]) -> torch.Tensor:
+    """Anchor boxes centred on every pixel of a feature map.
+
+    Args:
+        data: ``Tensor[..., H, W]``; only its last two sizes and its device are used.
+        sizes: anchor sizes (fractions of the image side), ratios: width/height ratios.
+            Each pixel gets ``len(sizes) + len(ratios) - 1`` anchors: every size with
+            ``ratios[0]`` and ``sizes[0]`` with every other ratio.
+
+    Returns:
+        ``Tensor[1, H * W * (len(sizes) + len(ratios) - 1), 4]`` float32, pixel-major.
+    """
+    in_height, in_width = data.shape[-2:]
+    device = data.device
+    boxes_per_pixel = len(sizes) + len(ratios) - 1
+    size_tensor = torch.tensor(sizes, device=device, dtype=torch.float32)
+    ratio_tensor = torch.tensor(ratios, device=device, dtype=torch.float32)
+    # Centres sit in the middle of each pixel.
+    center_h = (torch.arange(in_height, device=device) + 0.5) * (1.0 / in_height)
+    center_w = (torch.arange(in_width, device=device) + 0.5) * (1.0 / in_width)
+    shift_y, shift_x = torch.meshgrid(center_h, center_w, indexing="ij")
+    shift_y, shift_x = shift_y.reshape(-1), shift_x.reshape(-1)
+    # The `in_height / in_width` factor keeps anchors square (ratio 1) on non-square maps;
+    # the operation order follows the book's so results agree bit for bit.
+    w = torch.cat((size_tensor * torch.sqrt(ratio_tensor[0]),
+                   sizes[0] * torch.sqrt(ratio_tensor[1:]))) * in_height / in_width
+    h = torch.cat((size_tensor / torch.sqrt(ratio_tensor[0]),
+                   sizes[0] / torch.sqrt(ratio_tensor[1:])))
+    half_extent = torch.stack((-w, -h, w, h)).T.repeat(in_height * in_width, 1) / 2
+    centers = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=1)
+    return (centers.repeat_interleave(boxes_per_pixel, dim=0) + half_extent).unsqueeze(0)
+
+
+def _assign_batched(ground_truth: torch.Tensor, valid: torch.Tensor, anchors: torch.Tensor,
+                    iou_threshold: float) -> torch.Tensor:
+    """Book's anchor assignment for a batch.
+
+    Args:
+        ground_truth: ``Tensor[B, M, 4]``; valid: ``Tensor[B, M]`` bool (False = padding);
+        anchors: ``Tensor[A, 4]``.
+
+    Returns:
+        ``Tensor[B, A]`` int64: the index of the box assigned to each anchor, -1 for none.
+    """
+    batch_size, num_boxes = valid.shape
+    num_anchors = anchors.shape[0]
+    device = anchors.device
+    anchors_bbox_map = torch.full((batch_size, num_anchors), -1, dtype=torch.long, device=device)
+    if num_boxes == 0:
+        return anchors_bbox_map
+    # [A, B*M] -> [B, A, M]; padding columns get -1, the same value the greedy step uses
+    # for discarded pairs, so they are never picked while a real box is left.
+    jaccard = box_iou(anchors, ground_truth.reshape(-1, 4).to(anchors.dtype))
+    jaccard = jaccard.reshape(num_anchors, batch_size, num_boxes).permute(1, 0, 2)
+    jaccard = jaccard.masked_fill(~valid[:, None, :], -1.0).contiguous()
+
+    # 1. Every anchor takes its best box if that IoU reaches the threshold.
+    max_ious, indices = torch.max(jaccard, dim=2)
+    anchors_bbox_map = torch.where(max_ious >= iou_threshold, indices, anchors_bbox_map)
+
+    # 2. Greedily, each box takes the anchor it overlaps most (largest IoU left in the
+    # matrix, first in row-major order on ties), whatever the threshold. Images with
+    # fewer boxes stop early: `active` masks them instead of a data-dependent branch.
+    num_real = valid.sum(dim=1)
+    rows = torch.arange(batch_size, device=device)
+    flat = jaccard.view(batch_size, num_anchors * num_boxes)
+    for step in range(num_boxes):
+        max_idx = flat.argmax(dim=1)
+        box_idx = max_idx % num_boxes
+        anc_idx = torch.div(max_idx, num_boxes, rounding_mode="floor")
+        active = step < num_real
+        current = anchors_bbox_map[rows, anc_idx]
+        anchors_bbox_map[rows, anc_idx] = torch.where(active, box_idx, current)
+        jaccard[rows, :, box_idx] = -1.0
+        jaccard[rows, anc_idx, :] = -1.0
+    return anchors_bbox_map
+
+
+def assign_anchor_to_bbox(ground_truth: torch.Tensor, anchors: torch.Tensor, device: torch.device,
+                          iou_threshold: float = 0.5) -> torch.Tensor:
+    """Assign ground-truth boxes ``Tensor[M, 4]`` to anchors ``Tensor[A, 4]`` (book's signature).
+
+    Returns ``Tensor[A]`` int64, the box index per anchor or -1.
+    """
+    ground_truth = ground_truth.to(device)
+    anchors = anchors.to(device)
+    valid = torch.ones(1, ground_truth.shape[0], dtype=torch.bool, device=device)
+    return _assign_batched(ground_truth[None], valid, anchors, iou_threshold)[0]
+
+
+def offset_boxes(anchors: torch.Tensor, assigned_bb: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Encode boxes as offsets from anchors: ``Tensor[..., 4]`` twice -> ``Tensor[..., 4]``.
+
+    Centre offsets are scaled by 10 and log-size offsets by 5, as in the seed.
+    """
+    c_anc = box_corner_to_center(anchors)
+    c_assigned_bb = box_corner_to_center(assigned_bb)
+    offset_xy = 10 * (c_assigned_bb[..., :2] - c_anc[..., :2]) / c_anc[..., 2:]
+    offset_wh = 5 * torch.log(eps + c_assigned_bb[..., 2:] / c_anc[..., 2:])
+    return torch.cat([offset_xy, offset_wh], dim=-1)
+
+
+def offset_inverse(anchors: torch.Tensor, offset_preds: torch.Tensor) -> torch.Tensor:
+    """Decode offsets ``Tensor[..., 4]`` against anchors ``Tensor[..., 4]`` into corner boxes."""
+    anc = box_corner_to_center(anchors)
+    pred_bbox_xy = (offset_preds[..., :2] * anc[..., 2:] / 10) + anc[..., :2]
+    pred_bbox_wh = torch.exp(offset_preds[..., 2:] / 5) * anc[..., 2:]
+    return box_center_to_corner(torch.cat((pred_bbox_xy, pred_bbox_wh), dim=-1))
+
+
+def multibox_target(anchors: torch.Tensor, labels: torch.Tensor, iou_threshold: float = 0.5,
+                    check: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Label anchors with classes and box offsets.
+
+    Args:
+        anchors: ``Tensor[1, A, 4]`` (or ``[A, 4]``).
+        labels: ``Tensor[B, M, 5]`` rows ``(class, x1, y1, x2, y2)``; class < 0 marks padding.
+        check: refuse non-finite or inverted real boxes with a ``ValueError`` (one host sync).
+
+    Returns:
+        ``bbox_offset Tensor[B, A*4]``, ``bbox_mask Tensor[B, A*4]`` (1 where the anchor has
+        an object) and ``class_labels Tensor[B, A]`` int64 (0 = background, class + 1 otherwise).
+    """
+    anchors = anchors.reshape(-1, 4)
+    batch_size, num_anchors = labels.shape[0], anchors.shape[0]
+    valid = labels[..., 0] >= 0
+    ground_truth = labels[..., 1:]
+    if check:
+        check_boxes(ground_truth[valid], "labels")
+    anchors_bbox_map = _assign_batched(ground_truth, valid, anchors, iou_threshold)
+    assigned = anchors_bbox_map >= 0
+    index = anchors_bbox_map.clamp(min=0)
+
+    class_labels = labels[..., 0].gather(1, index).long() + 1
+    class_labels = torch.where(assigned, class_labels, 0)
+    assigned_bb = ground_truth.gather(1, index[..., None].expand(-1, -1, 4)).to(anchors.dtype)
+    # Unassigned anchors get an all-zero box, as in the book, so their (masked) offsets are finite.
+    assigned_bb = torch.where(assigned[..., None], assigned_bb, 0.0)
+    bbox_mask = assigned[..., None].to(anchors.dtype).expand(-1, -1, 4)
+    offset = offset_boxes(anchors, assigned_bb) * bbox_mask
+    return (offset.reshape(batch_size, -1), bbox_mask.reshape(batch_size, -1), class_labels)
+
+
+def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anchors: torch.Tensor,
+                       nms_threshold: float = 0.5, pos_threshold: float = 0.009999999) -> torch.Tensor:
+    """Decode predictions and suppress overlapping boxes.
+
+    Args:
+        cls_probs: ``Tensor[B, C + 1, A]`` class probabilities, background first.
+        offset_preds: ``Tensor[B, A * 4]``; anchors: ``Tensor[1, A, 4]``.
+
+    Returns:
+        ``Tensor[B, A, 6]`` rows ``(class_id, score, x1, y1, x2, y2)``. Kept detections come
+        first in decreasing score, as in the book. Every other row has ``class_id = -1``:
+        suppressed rows keep their score and rows scoring under ``pos_threshold`` get
+        ``1 - score``, as in the book. NMS is class-agnostic like the book's, but runs only
+        on rows at or above ``pos_threshold`` (those under it end as -1 either way), so the
+        -1 rows follow in anchor order rather than the book's mixed order.
+    """
+    batch_size, _, num_anchors = cls_probs.shape
+    anchors = anchors.reshape(-1, 4)
+    conf, class_id = torch.max(cls_probs[:, 1:], dim=1)
+    predicted_bb = offset_inverse(anchors, offset_preds.reshape(batch_size, num_anchors, 4))
+    below = conf < pos_threshold
+
+    order = torch.empty(batch_size, num_anchors, dtype=torch.long, device=cls_probs.device)
+    kept = torch.zeros(batch_size, num_anchors, dtype=torch.bool, device=cls_probs.device)
+    for i in range(batch_size):
+        # Rank with the book's own sort so ties break the same way; torchvision's NMS then gets
+        # strictly decreasing stand-in scores, so it cannot reorder tied boxes.
+        ranked = torch.argsort(conf[i], dim=-1, descending=True)
+        ranked = ranked[~below[i, ranked]]
+        stand_in = torch.arange(len(ranked), 0, -1, dtype=torch.float32, device=ranked.device)
+        keep = ranked[nms(predicted_bb[i, ranked].float(), stand_in, nms_threshold)]
+        kept[i, keep] = True
+        order[i] = torch.cat((keep, torch.nonzero(~kept[i]).reshape(-1)))
+
+    class_id = torch.where(kept, class_id, -1)
+    conf = torch.where(below, 1 - conf, conf)
+    out = torch.cat((class_id.unsqueeze(-1).to(conf.dtype), conf.unsqueeze(-1), predicted_bb.to(conf.dtype)), dim=-1)
+    return out.gather(1, order[..., None].expand(-1, -1, 6))

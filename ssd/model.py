@@ -1,0 +1,172 @@
+"""TinySSD: the seed's single-shot multibox detector.
+
+Layer names (``blk_i``, ``cls_i``, ``bbox_i``) are the book's, so its state dicts load here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .anchors import multibox_prior
+
+SEED_SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
+SEED_RATIOS = [1.0, 2.0, 0.5]
+
+
+@dataclass
+class SSDConfig:
+    """What it takes to rebuild a TinySSD; stored in every checkpoint and model file."""
+
+    num_classes: int = 1
+    sizes: list[list[float]] = field(default_factory=lambda: [list(s) for s in SEED_SIZES])
+    ratios: list[float] = field(default_factory=lambda: list(SEED_RATIOS))
+    classes: list[str] = field(default_factory=lambda: ["banana"])
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if len(self.sizes) != 5:
+            raise ValueError(f"TinySSD has 5 scales: need 5 size lists, got {len(self.sizes)}")
+        if len({len(s) for s in self.sizes}) != 1 or not self.ratios:
+            raise ValueError("every scale needs the same number of sizes, and ratios must not be empty")
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for num_classes={self.num_classes}")
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per feature-map pixel."""
+        return len(self.sizes[0]) + len(self.ratios) - 1
+
+
+def cls_predictor(num_inputs: int, num_anchors: int, num_classes: int) -> nn.Conv2d:
+    return nn.Conv2d(num_inputs, num_anchors * (num_classes + 1), kernel_size=3, padding=1)
+
+
+def bbox_predictor(num_inputs: int, num_anchors: int) -> nn.Conv2d:
+    return nn.Conv2d(num_inputs, num_anchors * 4, kernel_size=3, padding=1)
+
+
+def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two 3x3 conv-BN-ReLU layers, then a 2x2 max-pool that halves height and width."""
+    blk: list[nn.Module] = []
+    for _ in range(2):
+        blk += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+                nn.BatchNorm2d(out_channels), nn.ReLU()]
+        in_channels = out_channels
+    blk.append(nn.MaxPool2d(2))
+    return nn.Sequential(*blk)
+
+
+def base_net() -> nn.Sequential:
+    filters = [3, 16, 32, 64]
+    return nn.Sequential(*[down_sample_blk(filters[i], filters[i + 1]) for i in range(len(filters) - 1)])
+
+
+def get_blk(i: int) -> nn.Module:
+    if i == 0:
+        return base_net()
+    if i == 1:
+        return down_sample_blk(64, 128)
+    if i == 4:
+        return nn.AdaptiveMaxPool2d((1, 1))
+    return down_sample_blk(128, 128)
+
+
+def flatten_pred(pred: torch.Tensor) -> torch.Tensor:
+    """``Tensor[B, C, H, W]`` -> ``Tensor[B, H*W*C]``, pixel-major like the anchors."""
+    return torch.flatten(pred.permute(0, 2, 3, 1), start_dim=1)
+
+
+def concat_preds(preds: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([flatten_pred(p) for p in preds], dim=1)
+
+
+class TinySSD(nn.Module):
+    """Five-scale SSD.
+
+    ``forward(X Tensor[B, 3, H, W])`` returns ``anchors Tensor[1, A, 4]`` (float32),
+    ``cls_preds Tensor[B, A, num_classes + 1]`` and ``bbox_preds Tensor[B, A * 4]``;
+    A = 5444 for a 256x256 input with the seed's sizes and ratios.
+    """
+
+    IN_CHANNELS = [64, 128, 128, 128, 128]
+
+    def __init__(self, num_classes: int = 1, sizes: list[list[float]] | None = None,
+                 ratios: list[float] | None = None, classes: list[str] | None = None) -> None:
+        super().__init__()
+        self.config = SSDConfig(
+            num_classes=num_classes,
+            sizes=[list(map(float, s)) for s in (sizes or SEED_SIZES)],
+            ratios=[float(r) for r in (ratios or SEED_RATIOS)],
+            classes=list(classes) if classes is not None else
+            (["banana"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)]),
+        )
+        self.num_classes = num_classes
+        num_anchors = self.config.num_anchors
+        for i in range(5):
+            setattr(self, f"blk_{i}", get_blk(i))
+            setattr(self, f"cls_{i}", cls_predictor(self.IN_CHANNELS[i], num_anchors, num_classes))
+            setattr(self, f"bbox_{i}", bbox_predictor(self.IN_CHANNELS[i], num_anchors))
+        # Anchors depend only on the feature-map shapes, so they are made once per input size.
+        self._anchor_cache: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: SSDConfig | dict[str, Any]) -> "TinySSD":
+        cfg = config if isinstance(config, SSDConfig) else SSDConfig(**config)
+        return cls(cfg.num_classes, cfg.sizes, cfg.ratios, cfg.classes)
+
+    def _anchors(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        key = tuple(tuple(f.shape[-2:]) for f in feature_maps) + (feature_maps[0].device,)
+        anchors = self._anchor_cache.get(key)
+        if anchors is None:
+            anchors = torch.cat([multibox_prior(f, self.config.sizes[i], self.config.ratios)
+                                 for i, f in enumerate(feature_maps)], dim=1)
+            self._anchor_cache[key] = anchors
+        return anchors
+
+    def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feature_maps, cls_preds, bbox_preds = [], [], []
+        for i in range(5):
+            X = getattr(self, f"blk_{i}")(X)
+            feature_maps.append(X)
+            cls_preds.append(getattr(self, f"cls_{i}")(X))
+            bbox_preds.append(getattr(self, f"bbox_{i}")(X))
+        cls = concat_preds(cls_preds)
+        return (self._anchors(feature_maps),
+                cls.reshape(cls.shape[0], -1, self.num_classes + 1),
+                concat_preds(bbox_preds))
+
+
+def save_model(model: nn.Module, path: str | Path, **extra: Any) -> None:
+    """Write ``{"config", "model", **extra}`` atomically; loadable with ``weights_only=True``."""
+    from .files import atomic_torch_save
+
+    net = unwrap(model)
+    atomic_torch_save({"config": asdict(net.config), "model": net.state_dict(), **extra}, path)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> TinySSD:
+    """Rebuild a TinySSD from a file written by :func:`save_model` (or a training checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise ValueError(f"{path} is not a TinySSD model file: {exc}") from exc
+    if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
+        raise ValueError(f"{path} is not a TinySSD model file (no 'config'/'model' entries)")
+    net = TinySSD.from_config(blob["config"])
+    net.load_state_dict(blob["model"])
+    return net.eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The TinySSD inside DDP and/or torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
