@@ -1,0 +1,211 @@
+"""Validate a dataset in the banana layout before anything trains on it.
+
+``validate(root, image_size, classes)`` decodes every image of both splits and checks every label
+row: the header, numeric and finite coordinates, ``0 <= xmin < xmax <= width`` (and the same for y),
+the class (an index or a name of ``data.classes``), that the image exists, no duplicate rows, and no
+image without a label. It collects EVERY problem (``"<file> row N: ..."``, N the line number in the
+csv, the header being line 1) and raises one ``ValueError`` listing them all. Only a clean dataset
+gets ``data/reports/validation.json`` (counts, box statistics, ``problems: []``) and
+``data/reports/samples.png`` (images with their boxes); a failed check removes any stale report, so
+downstream DVC stages never see one.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from ssd.data import LABEL_COLUMNS, class_index, find_split, label_file, read_labels
+from ssd.files import atomic_dir, atomic_write_json
+
+SPLITS = ("train", "val")
+REPORT, SAMPLES = "validation.json", "samples.png"
+COORDS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def _decode_images(image_dir: Path, image_size: int, problems: list[str]) -> dict[str, tuple[int, int]]:
+    """Decode every file in ``image_dir``; returns ``{name: (width, height)}`` of the readable ones."""
+    sizes = {}
+    for path in sorted(p for p in image_dir.iterdir() if p.is_file()):
+        try:
+            with Image.open(path) as img:
+                img.load()  # a full decode: truncated or corrupt data fails here, not later in training
+                mode, size = img.mode, img.size
+        except Exception as exc:  # PIL raises many types for bad data; every one is a refusal
+            problems.append(f"{path}: cannot be decoded as an image ({type(exc).__name__}: {exc})")
+            continue
+        if mode != "RGB":
+            problems.append(f"{path}: mode {mode}, expected RGB")
+        if size != (image_size, image_size):
+            problems.append(f"{path}: size {size[0]}x{size[1]}, expected {image_size}x{image_size} (data.image_size)")
+        sizes[path.name] = size
+    return sizes
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    if not len(a):
+        return {}
+    return {"min": round(float(a.min()), 4), "max": round(float(a.max()), 4), "mean": round(float(a.mean()), 4)}
+
+
+def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str]
+                ) -> tuple[dict[str, Any], dict[str, list[tuple[int, float, float, float, float]]]]:
+    """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
+    image_dir = split_dir / "images"
+    if not image_dir.is_dir():
+        problems.append(f"{image_dir}: images folder missing")
+        return {}, {}
+    sizes = _decode_images(image_dir, image_size, problems)
+    all_files = {p.name for p in image_dir.iterdir() if p.is_file()}
+    try:
+        labels_path = label_file(split_dir)
+        table = read_labels(labels_path)
+    except (OSError, ValueError) as exc:  # missing file, unparsable csv, missing column
+        problems.append(str(exc))
+        return {}, {}
+    if list(table.columns) != LABEL_COLUMNS:
+        problems.append(f"{labels_path}: header {','.join(map(str, table.columns))}, expected {','.join(LABEL_COLUMNS)}")
+
+    numbers = {c: pd.to_numeric(table[c], errors="coerce") for c in COORDS}
+    duplicated = table.astype(str).duplicated(keep="first")
+    first_seen: dict[tuple, int] = {}
+    boxes: dict[str, list[tuple[int, float, float, float, float]]] = {}
+    for i, row in enumerate(table.itertuples(index=False)):
+        where = f"{labels_path} row {i + 2}"
+        key = tuple(str(v) for v in row)
+        if duplicated.iloc[i]:
+            problems.append(f"{where}: duplicate of row {first_seen[key]}")
+            continue
+        first_seen[key] = i + 2
+        bad = []
+        name = row.img_name
+        if not isinstance(name, str) or not name.strip():
+            bad.append("empty img_name")
+        elif name not in all_files:
+            bad.append(f"image {image_dir / name} does not exist")
+        try:
+            cls = class_index(row.label, classes, where)
+        except ValueError as exc:
+            bad.append(str(exc).removeprefix(f"{where}: "))
+        values = [numbers[c].iloc[i] for c in COORDS]
+        non_finite = [f"{c}={getattr(row, c)!r}" for c, v in zip(COORDS, values) if not math.isfinite(v)]
+        if non_finite:
+            bad.append(f"not finite numbers: {', '.join(non_finite)}")
+        else:
+            x1, y1, x2, y2 = values
+            width, height = sizes.get(name, (image_size, image_size)) if isinstance(name, str) else (image_size,) * 2
+            if not 0 <= x1 < x2 <= width:
+                bad.append(f"x range {x1:g}..{x2:g} is not 0 <= xmin < xmax <= {width}")
+            if not 0 <= y1 < y2 <= height:
+                bad.append(f"y range {y1:g}..{y2:g} is not 0 <= ymin < ymax <= {height}")
+        if bad:
+            problems.append(f"{where}: {'; '.join(bad)}")
+        else:
+            boxes.setdefault(name, []).append((cls, *values))
+    labelled = {n for n in table["img_name"] if isinstance(n, str)}
+    problems.extend(f"{image_dir / n}: image has no label row in {labels_path}" for n in sorted(all_files - labelled))
+
+    flat = [b for bs in boxes.values() for b in bs]
+    w = [b[3] - b[1] for b in flat]
+    h = [b[4] - b[2] for b in flat]
+    stats = {
+        "images": len(all_files),
+        "label_rows": len(table),
+        "objects_per_image": _stats([len(bs) for bs in boxes.values()]),
+        "classes": {classes[c]: sum(1 for b in flat if b[0] == c) for c in range(len(classes))},
+        "box_width": _stats(w),
+        "box_height": _stats(h),
+        "box_aspect": _stats([a / b for a, b in zip(w, h)]),
+        "box_x_range": [float(min(b[1] for b in flat)), float(max(b[3] for b in flat))] if flat else [],
+        "box_y_range": [float(min(b[2] for b in flat)), float(max(b[4] for b in flat))] if flat else [],
+    }
+    return stats, boxes
+
+
+def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str], n: int = 16,
+                columns: int = 4) -> Image.Image:
+    """The first ``n`` images of a split with their boxes and class names drawn on them."""
+    names = list(boxes)[:n]
+    tiles = []
+    for name in names:
+        with Image.open(split_dir / "images" / name) as img:
+            tile = img.convert("RGB")
+        draw = ImageDraw.Draw(tile)
+        for cls, x1, y1, x2, y2 in boxes[name]:
+            draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(0, 255, 255), width=2)
+            draw.text((x1 + 2, max(0, y1 - 11)), classes[cls], fill=(0, 255, 255))
+        tiles.append(tile)
+    size = max((t.width for t in tiles), default=64)
+    rows = max(1, math.ceil(len(tiles) / columns))
+    grid = Image.new("RGB", (columns * size, rows * size), (32, 32, 32))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * size, (i // columns) * size))
+    return grid
+
+
+def dataset_root(path: str | Path) -> Path:
+    """``data/raw`` and ``data/raw/banana-detection`` both name the dataset."""
+    path = Path(path)
+    return path / "banana-detection" if (path / "banana-detection").is_dir() else path
+
+
+def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",)) -> tuple[dict, Image.Image]:
+    """Check both splits; returns the report and the sample grid, or raises ``ValueError`` listing all problems."""
+    root = dataset_root(root)
+    classes = list(classes)
+    problems: list[str] = []
+    report: dict[str, Any] = {"data": str(root), "image_size": image_size, "classes": classes, "splits": {}}
+    grid = None
+    for split in SPLITS:
+        try:
+            split_dir = find_split(root, split)
+        except FileNotFoundError as exc:
+            problems.append(str(exc))
+            continue
+        report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems)
+        if split == "train":
+            grid = (split_dir, boxes)
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems))
+    report["problems"] = []
+    return report, sample_grid(*grid, classes)
+
+
+def run_validation(root: str | Path, out: str | Path, image_size: int, classes: Sequence[str]) -> dict[str, Any]:
+    """Validate and write ``out/validation.json`` + ``out/samples.png`` (together, atomically)."""
+    out = Path(out)
+    try:
+        report, grid = validate(root, image_size, classes)
+    except ValueError:
+        for name in (REPORT, SAMPLES):  # a stale "valid" report must not outlive invalid data
+            (out / name).unlink(missing_ok=True)
+        raise
+    with atomic_dir(out) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a report folder is not
+        atomic_write_json(tmp / REPORT, report)
+        grid.save(tmp / SAMPLES)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ssd.cli import add_params_arguments
+
+    parser.add_argument("--data", default="data/raw", help="dataset folder (default: %(default)s)")
+    parser.add_argument("--out", default="data/reports", help="report folder (default: %(default)s)")
+    add_params_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ssd.params import load_params
+
+    data = load_params(args.params, args.set).get("data", {})
+    report = run_validation(args.data, args.out, int(data.get("image_size", 256)), data.get("classes", ["banana"]))
+    counts = ", ".join(f"{s}: {v['images']} images / {v['label_rows']} boxes" for s, v in report["splits"].items())
+    print(f"{report['data']} is valid ({counts}); report in {Path(args.out) / REPORT}")
+    return 0
