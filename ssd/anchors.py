@@ -148,6 +148,8 @@ def multibox_target(anchors: torch.Tensor, labels: torch.Tensor, iou_threshold: 
         an object) and ``class_labels Tensor[B, A]`` int64 (0 = background, class + 1 otherwise).
     """
     anchors = anchors.reshape(-1, 4)
+    if labels.shape[1] == 0:  # no label rows at all: one padding row keeps the gathers below in range
+        labels = torch.full((labels.shape[0], 1, 5), -1.0, dtype=labels.dtype, device=labels.device)
     batch_size, num_anchors = labels.shape[0], anchors.shape[0]
     valid = labels[..., 0] >= 0
     ground_truth = labels[..., 1:]
