@@ -1,0 +1,245 @@
+"""TinySSD: output shapes, layout independence, gradients, the chapter's state dict, model files."""
+import d2l.torch as d2l
+import pytest
+import torch
+from torch import nn
+
+from ssd.anchors import multibox_target
+from ssd.loss import calc_loss
+from ssd.model import SEED_RATIOS, SEED_SIZES, SSDConfig, TinySSD, load_model, save_model, unwrap
+
+# Anchors per input size with the seed's 4 anchors per pixel: feature maps S/8, S/16, S/32, S/64, 1x1.
+NUM_ANCHORS = {(256, 256): 4 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4 + 1),   # 5444, the chapter's number
+               (128, 128): 4 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2 + 1),   # 1364
+               (320, 256): 4 * (40 * 32 + 20 * 16 + 10 * 8 + 5 * 4 + 1),  # 6804
+               (64, 64): 4 * (8 * 8 + 4 * 4 + 2 * 2 + 1 * 1 + 1)}      # 344
+
+
+# --- The chapter's TinySSD, verbatim in substance, as the reference for layer names and outputs. ---
+def _chapter_cls_predictor(num_inputs, num_anchors, num_classes):
+    return nn.Conv2d(num_inputs, num_anchors * (num_classes + 1), kernel_size=3, padding=1)
+
+
+def _chapter_bbox_predictor(num_inputs, num_anchors):
+    return nn.Conv2d(num_inputs, num_anchors * 4, kernel_size=3, padding=1)
+
+
+def _chapter_down_sample_blk(in_channels, out_channels):
+    blk = []
+    for _ in range(2):
+        blk.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+        blk.append(nn.BatchNorm2d(out_channels))
+        blk.append(nn.ReLU())
+        in_channels = out_channels
+    blk.append(nn.MaxPool2d(2))
+    return nn.Sequential(*blk)
+
+
+def _chapter_base_net():
+    blk = []
+    num_filters = [3, 16, 32, 64]
+    for i in range(len(num_filters) - 1):
+        blk.append(_chapter_down_sample_blk(num_filters[i], num_filters[i + 1]))
+    return nn.Sequential(*blk)
+
+
+def _chapter_get_blk(i):
+    if i == 0:
+        return _chapter_base_net()
+    if i == 1:
+        return _chapter_down_sample_blk(64, 128)
+    if i == 4:
+        return nn.AdaptiveMaxPool2d((1, 1))
+    return _chapter_down_sample_blk(128, 128)
+
+
+def _chapter_blk_forward(X, blk, size, ratio, cls_predictor, bbox_predictor):
+    Y = blk(X)
+    anchors = d2l.multibox_prior(Y, sizes=size, ratios=ratio)
+    return (Y, anchors, cls_predictor(Y), bbox_predictor(Y))
+
+
+def _chapter_concat_preds(preds):
+    return torch.cat([torch.flatten(p.permute(0, 2, 3, 1), start_dim=1) for p in preds], dim=1)
+
+
+class ChapterTinySSD(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+        idx_to_in_channels = [64, 128, 128, 128, 128]
+        num_anchors = len(SEED_SIZES[0]) + len(SEED_RATIOS) - 1
+        for i in range(5):
+            setattr(self, f'blk_{i}', _chapter_get_blk(i))
+            setattr(self, f'cls_{i}', _chapter_cls_predictor(idx_to_in_channels[i], num_anchors, num_classes))
+            setattr(self, f'bbox_{i}', _chapter_bbox_predictor(idx_to_in_channels[i], num_anchors))
+
+    def forward(self, X):
+        anchors, cls_preds, bbox_preds = [None] * 5, [None] * 5, [None] * 5
+        for i in range(5):
+            X, anchors[i], cls_preds[i], bbox_preds[i] = _chapter_blk_forward(
+                X, getattr(self, f'blk_{i}'), SEED_SIZES[i], SEED_RATIOS,
+                getattr(self, f'cls_{i}'), getattr(self, f'bbox_{i}'))
+        anchors = torch.cat(anchors, dim=1)
+        cls_preds = _chapter_concat_preds(cls_preds)
+        cls_preds = cls_preds.reshape(cls_preds.shape[0], -1, self.num_classes + 1)
+        bbox_preds = _chapter_concat_preds(bbox_preds)
+        return anchors, cls_preds, bbox_preds
+
+
+def images(batch: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Float images 0..255 as the pipeline feeds them."""
+    return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 255
+
+
+@pytest.fixture(scope="module")
+def net() -> TinySSD:
+    torch.manual_seed(0)
+    return TinySSD(num_classes=1).eval()
+
+
+class TestShapes:
+    def test_chapter_batch_of_32(self, net):
+        with torch.no_grad():
+            anchors, cls_preds, bbox_preds = net(images(32, 256, 256))
+        assert anchors.shape == (1, 5444, 4)
+        assert cls_preds.shape == (32, 5444, 2)
+        assert bbox_preds.shape == (32, 21776)
+        assert anchors.dtype == torch.float32
+
+    @pytest.mark.parametrize("h, w", [(128, 128), (320, 256), (64, 64)])
+    def test_other_input_sizes(self, net, h, w):
+        with torch.no_grad():
+            anchors, cls_preds, bbox_preds = net(images(2, h, w))
+        a = NUM_ANCHORS[(h, w)]
+        assert anchors.shape == (1, a, 4) and cls_preds.shape == (2, a, 2) and bbox_preds.shape == (2, a * 4)
+
+    def test_anchor_cache_follows_input_size(self, net):
+        with torch.no_grad():
+            small = net(images(1, 64, 64))[0]
+            big = net(images(1, 128, 128))[0]
+            again = net(images(1, 64, 64))[0]
+        assert small.shape[1] == NUM_ANCHORS[(64, 64)] and big.shape[1] == NUM_ANCHORS[(128, 128)]
+        assert torch.equal(small, again)
+
+    @pytest.mark.parametrize("num_classes", [2, 5])
+    def test_multiple_classes(self, num_classes):
+        model = TinySSD(num_classes=num_classes).eval()
+        with torch.no_grad():
+            anchors, cls_preds, bbox_preds = model(images(2, 64, 64))
+        assert cls_preds.shape == (2, NUM_ANCHORS[(64, 64)], num_classes + 1)
+        assert model.config.classes == [f"class{i}" for i in range(num_classes)]
+
+    def test_anchors_match_d2l_multibox_prior(self, net):
+        with torch.no_grad():
+            anchors = net(images(1, 128, 128))[0]
+        maps = [16, 8, 4, 2, 1]
+        ref = torch.cat([d2l.multibox_prior(torch.zeros(1, 1, s, s), SEED_SIZES[i], SEED_RATIOS)
+                         for i, s in enumerate(maps)], dim=1)
+        assert torch.equal(anchors, ref)
+
+
+class TestLayoutAndGradients:
+    def test_channels_last_matches_contiguous(self, net):
+        x = images(2, 128, 128, seed=1)
+        cl_net = TinySSD(num_classes=1).eval()
+        cl_net.load_state_dict(net.state_dict())
+        cl_net = cl_net.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = net(x)
+            out = cl_net(x.contiguous(memory_format=torch.channels_last))
+        assert torch.equal(out[0], ref[0])
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[2], ref[2], rtol=1e-4, atol=1e-4)
+
+    def test_backward_gives_finite_grads_for_every_parameter(self):
+        torch.manual_seed(0)
+        model = TinySSD(num_classes=2).train()
+        labels = torch.tensor([[[0, 0.1, 0.1, 0.5, 0.6], [1, 0.5, 0.4, 0.9, 0.9]],
+                               [[1, 0.2, 0.3, 0.7, 0.8], [-1, -1, -1, -1, -1]]])
+        anchors, cls_preds, bbox_preds = model(images(2, 64, 64))
+        bbox_labels, bbox_masks, cls_labels = multibox_target(anchors, labels)
+        loss = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+        assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+class TestChapterStateDict:
+    def test_chapter_weights_load_and_give_the_same_outputs(self):
+        torch.manual_seed(1)
+        chapter = ChapterTinySSD(num_classes=1).eval()
+        ours = TinySSD(num_classes=1).eval()
+        ours.load_state_dict(chapter.state_dict(), strict=True)
+        assert list(ours.state_dict()) == list(chapter.state_dict())
+        x = images(2, 128, 128, seed=2)
+        with torch.no_grad():
+            for o, r in zip(ours(x), chapter(x)):
+                assert torch.equal(o, r)
+
+    def test_our_weights_load_into_the_chapter_model(self, net):
+        ChapterTinySSD(num_classes=1).load_state_dict(net.state_dict(), strict=True)
+
+
+class TestModelFiles:
+    def test_save_load_roundtrip(self, tmp_path):
+        torch.manual_seed(2)
+        model = TinySSD(num_classes=2, classes=["banana", "apple"]).eval()
+        path = tmp_path / "sub" / "model.pt"
+        save_model(model, path, epoch=3)
+        loaded = load_model(path)
+        assert not loaded.training
+        assert loaded.config == model.config and loaded.config.classes == ["banana", "apple"]
+        x = images(1, 64, 64)
+        with torch.no_grad():
+            for o, r in zip(loaded(x), model(x)):
+                assert torch.equal(o, r)
+        blob = torch.load(path, weights_only=True)  # plain tensors and builtins only
+        assert blob["epoch"] == 3 and set(blob) == {"config", "model", "epoch"}
+        assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+    def test_save_unwraps_wrappers(self, tmp_path):
+        class Wrapper(nn.Module):  # stands in for DDP's `.module` attribute
+            def __init__(self, module):
+                super().__init__()
+                self.module = module
+
+        model = TinySSD()
+        assert unwrap(Wrapper(model)) is model
+        save_model(Wrapper(model), tmp_path / "m.pt")
+        assert list(torch.load(tmp_path / "m.pt", weights_only=True)["model"]) == list(model.state_dict())
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="model file not found: .*nope.pt"):
+            load_model(tmp_path / "nope.pt")
+
+    def test_garbage_file(self, tmp_path):
+        path = tmp_path / "garbage.pt"
+        path.write_bytes(b"this is not a torch file")
+        with pytest.raises(ValueError, match="garbage.pt is not a TinySSD model file"):
+            load_model(path)
+
+    def test_foreign_torch_file(self, tmp_path):
+        path = tmp_path / "weights.pt"
+        torch.save(TinySSD().state_dict(), path)  # a bare state dict, no config
+        with pytest.raises(ValueError, match=r"weights.pt is not a TinySSD model file \(no 'config'"):
+            load_model(path)
+
+
+class TestConfig:
+    def test_defaults_are_the_seed(self):
+        cfg = SSDConfig()
+        assert cfg.sizes == SEED_SIZES and cfg.ratios == SEED_RATIOS and cfg.num_anchors == 4
+
+    @pytest.mark.parametrize("kwargs, match", [
+        ({"num_classes": 0, "classes": []}, "num_classes must be >= 1"),
+        ({"sizes": [[0.2]] * 4}, "5 scales"),
+        ({"sizes": [[0.2], [0.3, 0.4], [0.5], [0.6], [0.7]]}, "same number of sizes"),
+        ({"num_classes": 2}, "1 class names for num_classes=2"),
+    ])
+    def test_invalid(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            SSDConfig(**kwargs)
