@@ -1,0 +1,328 @@
+"""Scheduled retraining: the DVC pipeline's stages as Prefect tasks.
+
+    python -m flows.retrain serve                 # the weekly deployment, served from this machine
+    python -m flows.retrain run -S train.epochs=5 # one run now, without a server-side deployment
+
+Each task runs ``dvc repro --single-item <stage>`` in the project directory, so the flow executes
+exactly the commands of ``dvc.yaml``: an unchanged stage is skipped, ``dvc.lock`` stays true, and no
+stage logic lives here. The stage's stdout and stderr are streamed into the task's Prefect log line
+by line; a stage that fails raises ``StageFailed`` naming the stage and the last lines of its stderr.
+
+Parameters work like ``dvc exp run -S key=value``: the overrides are written into ``params.yaml``
+(atomically, comments kept) before the stages run, so the workspace, ``dvc.lock`` and the model
+agree afterwards. ``nproc`` and ``source`` are shorthands for ``train.nproc`` (the number of torchrun
+processes in the train stage's command) and ``data.source``.
+
+Retries: ``ssd fetch`` already retries a flaky download for a few seconds; when it gives up on a
+transient failure (server unreachable, 5xx/429 or resets until its retries ran out) the fetch task
+is retried as a whole with exponential backoff. Anything else (HTTP 404, checksum mismatch, a bad
+archive or param) fails at once. ``register`` is retried the same way for an unreachable MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
+
+from ssd.files import atomic_write_text
+from ssd.params import apply_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("fetch", "validate", "train", "evaluate", "register")
+FLOW_NAME = "tinyssd-retrain"
+DEPLOYMENT_NAME = "weekly-retrain"
+WEEKLY_CRON = "0 3 * * 1"          # Mondays 03:00
+TIMEZONE = "UTC"
+ARTIFACT_KEY = "tinyssd-retrain"
+FETCH_RETRIES = 3
+FETCH_BACKOFF_S = 30.0             # task-level retries wait 30 s, 60 s, 120 s (plus jitter)
+TAIL_LINES = 15
+# What the stages print when they give up on something that may work later (ssd.fetch.download,
+# ssd.tracking.ensure_reachable). The stages run as subprocesses, so their messages are the interface.
+TRANSIENT = re.compile(r"failed after \d+ attempts|cannot reach |is unreachable")
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage exited non-zero; the message names the stage and ends with its stderr tail."""
+
+    def __init__(self, stage: str, tail: str):
+        super().__init__(f"stage {stage!r} failed: {tail}")
+        self.stage, self.tail = stage, tail
+
+
+class TransientStageFailure(StageFailed):
+    """A stage failure that may succeed when retried (network, servers)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# running one stage
+
+def stage_env() -> dict[str, str]:
+    """The environment for stage subprocesses: this interpreter's ``bin`` first on PATH (so ``dvc``,
+    ``ssd`` and ``torchrun`` in ``dvc.yaml`` are the ones installed beside it), unbuffered output so
+    lines arrive as they are printed, and no progress bars (they are one endless line in a log)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    return env
+
+
+def _pump(stream: io.TextIOBase, name: str, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put((name, line.rstrip("\n")))
+    lines.put((name, None))
+
+
+def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = print) -> str:
+    """Run ``dvc repro --single-item stage`` in ``project_dir``, passing each output line to ``log``.
+
+    Returns ``"ran"``, ``"skipped"`` (unchanged) or ``"restored"`` (from DVC's run cache). Raises
+    ``TransientStageFailure`` or ``StageFailed`` with the last lines of stderr when it exits non-zero.
+    """
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    proc = subprocess.Popen(command, cwd=project_dir, env=stage_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    # Two reader threads feed one queue so neither pipe can fill up and block the stage; logging
+    # stays in this (the task's) thread.
+    lines: queue.Queue = queue.Queue()
+    for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
+    tails = {"stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES)}
+    outcome, open_streams = "ran", 2
+    while open_streams:
+        name, line = lines.get()
+        if line is None:
+            open_streams -= 1
+            continue
+        log(line)
+        if line.strip():
+            tails[name].append(line)
+        if "didn't change, skipping" in line:
+            outcome = "skipped"
+        elif "is cached - skipping run" in line:
+            outcome = "restored"
+    if proc.wait() != 0:
+        tail = "\n".join(tails["stderr"] or tails["stdout"]) or f"exit status {proc.returncode}"
+        raise (TransientStageFailure if TRANSIENT.search(tail) else StageFailed)(stage, tail)
+    return outcome
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only failures that may go away on their own."""
+    return isinstance(state.result(raise_on_failure=False), TransientStageFailure)
+
+
+def _stage(stage: str, project_dir: str) -> str:
+    logger = get_run_logger()
+    outcome = run_stage(stage, project_dir, logger.info)
+    logger.info("stage %r %s", stage, outcome)
+    return outcome
+
+
+# The tasks: one per stage, named as in dvc.yaml. Pure compute is not retried.
+@task(name="fetch", retries=FETCH_RETRIES, retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S),
+      retry_jitter_factor=0.2, retry_condition_fn=_retry_transient)
+def fetch(project_dir: str) -> str:
+    """Download (or generate) the dataset."""
+    return _stage("fetch", project_dir)
+
+
+@task(name="validate")
+def validate(project_dir: str) -> str:
+    """Check every image and label row."""
+    return _stage("validate", project_dir)
+
+
+@task(name="train")
+def train(project_dir: str) -> str:
+    """Train under torchrun with ``train.nproc`` processes (the stage's command in dvc.yaml)."""
+    return _stage("train", project_dir)
+
+
+@task(name="evaluate")
+def evaluate(project_dir: str) -> str:
+    """mAP, precision/recall and pictures on the validation split."""
+    return _stage("evaluate", project_dir)
+
+
+@task(name="register", retries=2, retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S),
+      retry_condition_fn=_retry_transient)
+def register(project_dir: str) -> str:
+    """Register the model in MLflow and move the champion/challenger aliases."""
+    return _stage("register", project_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# params
+
+def flow_overrides(overrides: list[str] | None, nproc: int | None, source: str | None) -> list[str]:
+    """The flow's params overrides: ``overrides`` then the shorthands (which win)."""
+    items = list(overrides or [])
+    if nproc is not None:
+        if int(nproc) < 1:
+            raise ValueError(f"nproc must be >= 1, got {nproc}")
+        items.append(f"train.nproc={int(nproc)}")
+    if source:
+        items.append(f"data.source={json.dumps(source)}")  # quoted: a source is a string, whatever it looks like
+    return items
+
+
+def write_params(path: str | Path, overrides: list[str]) -> list[str]:
+    """Apply ``key.sub=value`` overrides to the params file in place, keeping its comments.
+
+    ``ssd.params.apply_overrides`` checks the keys and parses the values (one implementation for the
+    CLI and the flow); only the overridden keys are then set in a round-trip copy of the file, which
+    is written atomically. Returns the overrides that changed something (the file is not touched
+    when none did).
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    text = path.read_text()
+    old = yaml.safe_load(text) or {}
+    new = apply_overrides(old, overrides, source=str(path))
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(text)
+    changed = []
+    for item in overrides:
+        *parents, leaf = item.partition("=")[0].split(".")
+        src, before, dst = new, old, doc
+        for part in parents:
+            src, before, dst = src[part], before[part], dst[part]
+        if before[leaf] != src[leaf] and item not in changed:
+            dst[leaf] = src[leaf]
+            changed.append(item)
+    if changed:
+        buffer = io.StringIO()
+        rt.dump(doc, buffer)
+        atomic_write_text(path, buffer.getvalue())
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------
+# the run summary
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect_results(project_dir: str | Path) -> dict[str, Any]:
+    """The reports the stages wrote: train and eval metrics, the registration record."""
+    reports = Path(project_dir) / "reports"
+    return {"train": _read_json(reports / "train.json"), "eval": _read_json(reports / "eval.json"),
+            "registration": _read_json(reports / "registration.json")}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str]) -> str:
+    """The run's markdown artifact: stages, metrics table, model version and champion decision."""
+    reg = results.get("registration") or {}
+    champion = "champion" in (reg.get("aliases") or [])
+    lines = ["# TinySSD retraining", ""]
+    if reg:
+        lines += [f"**Model** `{reg.get('model_name', '?')}` version **{reg.get('version', '?')}** "
+                  f"(`{reg.get('model_uri', '')}`): "
+                  + ("**became champion**" if champion and reg.get("decision") == "promoted" else
+                     "**is champion**" if champion else "**not champion**")
+                  + f" ({reg.get('decision', '?')}: {reg.get('reason', '')}); aliases: "
+                  + (", ".join(reg.get("aliases") or []) or "none")
+                  + f"; current champion: version {reg.get('champion_version')}", ""]
+    lines += ["| stage | result |", "|---|---|"] + [f"| {s} | {o} |" for s, o in outcomes.items()] + [""]
+    rows = [(split, key, value) for split in ("train", "eval")
+            for key, value in sorted((results.get(split) or {}).items()) if isinstance(value, (int, float))]
+    if rows:
+        lines += ["| report | metric | value |", "|---|---|---|"]
+        lines += [f"| {'reports/' + split + '.json'} | {key} | {_fmt(value)} |" for split, key, value in rows]
+        lines += [""]
+    lines.append("Params overridden for this run: " + (", ".join(f"`{c}`" for c in params_changed) or "none"))
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# the flow
+
+@flow(name=FLOW_NAME, log_prints=True)
+def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = None, nproc: int | None = None,
+            source: str | None = None, fetch_backoff_s: float = FETCH_BACKOFF_S) -> dict[str, Any]:
+    """fetch -> validate -> train -> evaluate -> register, as ``dvc repro`` would, with a run summary.
+
+    ``overrides``: ``key.sub=value`` items applied to ``params.yaml`` first (like ``dvc exp run -S``);
+    ``nproc``: torchrun processes for training (``train.nproc``); ``source``: the dataset
+    (``data.source``: auto, d2l, synthetic, a URL or a zip path); ``fetch_backoff_s``: the first
+    delay of the fetch task's retries (then doubling).
+    """
+    logger = get_run_logger()
+    project = Path(project_dir).resolve()
+    if not (project / "dvc.yaml").is_file():
+        raise FileNotFoundError(f"{project}: no dvc.yaml (project_dir must be the repository root)")
+    changed = write_params(project / "params.yaml", flow_overrides(overrides, nproc, source))
+    logger.info("params.yaml: %s", ", ".join(changed) or "unchanged")
+
+    outcomes = {"fetch": fetch.with_options(
+        retry_delay_seconds=exponential_backoff(fetch_backoff_s)(FETCH_RETRIES))(str(project))}
+    for stage_task in (validate, train, evaluate, register):
+        outcomes[stage_task.name] = stage_task(str(project))
+
+    results = collect_results(project)
+    create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed), key=ARTIFACT_KEY,
+                             description="TinySSD retraining: metrics, model version, champion decision")
+    return {"stages": outcomes, "params_changed": changed, **results}
+
+
+# ----------------------------------------------------------------------------------------------
+# serving
+
+def serve(name: str = DEPLOYMENT_NAME, cron: str = WEEKLY_CRON, parameters: dict[str, Any] | None = None) -> None:
+    """Create (or update) the scheduled deployment and run its flow runs from this process."""
+    from prefect.schedules import Cron
+
+    retrain.serve(name=name, schedules=[Cron(cron, timezone=TIMEZONE)], parameters=parameters or {},
+                  description="Weekly TinySSD retraining: the DVC pipeline as Prefect tasks",
+                  tags=["tinyssd"], pause_on_shutdown=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the scheduled deployment from this process (Ctrl-C stops it)")
+    s.add_argument("--name", default=DEPLOYMENT_NAME, help="deployment name (default: %(default)s)")
+    s.add_argument("--cron", default=WEEKLY_CRON, help=f"schedule, {TIMEZONE} (default: %(default)r)")
+    r = sub.add_parser("run", help="run the flow once now")
+    for p in (s, r):
+        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="params override, like `dvc exp run -S` (repeatable)")
+        p.add_argument("--nproc", type=int, help="torchrun processes for training (train.nproc)")
+        p.add_argument("--source", help="dataset source (data.source)")
+        p.add_argument("--project-dir", help=f"project root (default: {REPO_ROOT})")
+    args = parser.parse_args(argv)
+    parameters = {"project_dir": args.project_dir, "overrides": args.set, "nproc": args.nproc, "source": args.source}
+    parameters = {k: v for k, v in parameters.items() if v}  # unset: the flow's defaults
+    if args.command == "serve":
+        serve(args.name, args.cron, parameters)
+    else:
+        retrain(**parameters)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

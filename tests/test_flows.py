@@ -1,0 +1,312 @@
+"""The Prefect retraining flow against Prefect's real local server, on a tiny generated dataset.
+
+Every flow runs the real stages (``dvc repro --single-item``) in a temporary copy of the project,
+with the dataset served over HTTP on 127.0.0.1 and MLflow's embedded SQLite store in that copy.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flows import retrain as rt
+
+REPO = Path(__file__).resolve().parents[1]
+EXCLUDED_TOP = {".venv", "data", "models", "reports", "mlruns", "mlartifacts", "mlflow.db", ".git"}
+# Tiny but complete: 16 train / 8 val images, read at 64 px, one epoch of two batches.
+TINY = ["data.image_size=64", "train.epochs=1", "train.batch_size=8", "train.compile=false",
+        "evaluate.gallery_images=2"]
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: Prefect's server, projects, datasets, an HTTP server
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """Prefect's real local server (temporary database), started once for this module."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_dvc(monkeypatch):
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+
+
+def make_project(root: Path) -> Path:
+    """A copy of the working tree (tracked and untracked-but-not-ignored files) as a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if Path(name).parts[0] in EXCLUDED_TOP or not src.is_file():
+            continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, root / name)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)  # DVC wants a git repo (no commit needed)
+    return root
+
+
+def build_zips(folder: Path) -> dict[str, bytes]:
+    """A good archive and one whose train labels hold an impossible box."""
+    from ssd.synthetic import generate_archive
+
+    good = folder / "good.zip"
+    generate_archive(good, seed=0, train=16, val=8, image_size=160)  # 160: the generator's minimum is 150
+    corrupt = folder / "corrupt.zip"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(corrupt, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("bananas_train/label.csv"):
+                lines = data.decode().splitlines()
+                name, label, x1, y1, x2, y2 = lines[3].split(",")
+                lines[3] = ",".join([name, label, x2, y1, x1, y2])  # xmin > xmax on csv line 4
+                data = ("\n".join(lines) + "\n").encode()
+            dst.writestr(info, data)
+    return {"/good.zip": good.read_bytes(), "/corrupt.zip": corrupt.read_bytes()}
+
+
+class FlakyServer:
+    """Serves archives on 127.0.0.1; the next ``fail[path]`` requests for a path get HTTP 503."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.fail, self.log = files, {}, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if outer.fail.get(self.path, 0) > 0:
+                    outer.fail[self.path] -= 1
+                    code, body = 503, b"try later"
+                elif self.path in outer.files:
+                    code, body = 200, outer.files[self.path]
+                else:
+                    code, body = 404, b"no such file"
+                outer.log.append((self.path, code))
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def archive_server(tmp_path_factory):
+    server = FlakyServer(build_zips(tmp_path_factory.mktemp("zips")))
+    yield server
+    server.close()
+
+
+def run_flow(**kwargs):
+    """Run the flow in this process; returns its final state (failures do not raise)."""
+    return rt.retrain(**kwargs, fetch_backoff_s=0.2, return_state=True)
+
+
+def task_runs(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return {run.name.rsplit("-", 1)[0]: run for run in asyncio.run(read())}
+
+
+def artifact(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[rt.ARTIFACT_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    found = asyncio.run(read())
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_api, archive_server, tmp_path_factory):
+    """The whole flow, once, on a fresh project whose dataset server answers 503 until ``ssd fetch``
+    has given up once: the fetch task then succeeds on its Prefect retry."""
+    from ssd.fetch import RETRIES
+
+    project = make_project(tmp_path_factory.mktemp("project"))
+    archive_server.fail["/good.zip"] = RETRIES + 1  # every attempt of the first `ssd fetch`
+    archive_server.log.clear()
+    started = time.monotonic()
+    state = run_flow(project_dir=str(project), overrides=TINY, source=archive_server.url("/good.zip"))
+    return {"project": project, "state": state, "log": list(archive_server.log), "seconds": time.monotonic() - started}
+
+
+# ----------------------------------------------------------------------------------------------
+# unit-level: params handling, transient classification, the summary
+
+def test_write_params_keeps_comments_and_checks_keys(tmp_path):
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    before = path.read_text()
+    changed = rt.write_params(path, rt.flow_overrides(["train.epochs=3"], 2, "http://h:1/x.zip"))
+    assert changed == ["train.epochs=3", "train.nproc=2", 'data.source="http://h:1/x.zip"']
+    from ssd.params import load_params
+
+    params = load_params(path)
+    assert (params["train"]["epochs"], params["train"]["nproc"], params["data"]["source"]) == (3, 2, "http://h:1/x.zip")
+    # Only the three values changed; every comment and every other line is as it was.
+    diff = [(a, b) for a, b in zip(before.splitlines(), path.read_text().splitlines()) if a != b]
+    assert len(diff) == 3 and len(before.splitlines()) == len(path.read_text().splitlines())
+    assert "# torchrun --nproc-per-node" in path.read_text()
+    assert rt.write_params(path, ["train.epochs=3"]) == []  # no change: file untouched
+    with pytest.raises(ValueError, match="train.epoch"):
+        rt.write_params(path, ["train.epoch=3"])
+    with pytest.raises(ValueError, match="nproc"):
+        rt.flow_overrides([], 0, None)
+
+
+def test_stage_failure_names_stage_and_classifies_transient(tmp_path):
+    project = make_project(tmp_path)
+    # A fetch from a port where nothing listens: `ssd fetch` says "cannot reach" -> transient.
+    with pytest.raises(rt.TransientStageFailure, match=r"stage 'fetch' failed: .*cannot reach"):
+        rt.write_params(project / "params.yaml", ['data.source="http://127.0.0.1:9/x.zip"'])
+        rt.run_stage("fetch", project, log=lambda line: None)
+    # A missing zip is not transient.
+    rt.write_params(project / "params.yaml", ['data.source="/nonexistent/x.zip"'])
+    with pytest.raises(rt.StageFailed, match=r"stage 'fetch' failed: .*nonexistent") as info:
+        rt.run_stage("fetch", project, log=lambda line: None)
+    assert not isinstance(info.value, rt.TransientStageFailure)
+
+
+def test_prefect_yaml_schedule_matches_code():
+    import yaml
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (deployment,) = config["deployments"]
+    assert deployment["name"] == rt.DEPLOYMENT_NAME
+    assert deployment["entrypoint"] == "flows/retrain.py:retrain"
+    assert deployment["schedules"] == [{"cron": rt.WEEKLY_CRON, "timezone": rt.TIMEZONE}]
+
+
+# ----------------------------------------------------------------------------------------------
+# the flow on Prefect's server
+
+def test_flow_end_to_end_with_flaky_fetch(trained):
+    from ssd.fetch import RETRIES
+
+    state, project = trained["state"], trained["project"]
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["stages"] == {s: "ran" for s in rt.STAGES}
+    # The first `ssd fetch` met only 503s and gave up; Prefect retried the task, which then got the zip.
+    assert trained["log"] == [("/good.zip", 503)] * (RETRIES + 1) + [("/good.zip", 200)]
+    runs = task_runs(state.state_details.flow_run_id)
+    assert set(runs) == set(rt.STAGES)
+    assert runs["fetch"].run_count == 2 and runs["fetch"].state.is_completed()
+    assert all(runs[s].run_count == 1 for s in rt.STAGES[1:])
+    # The stages' outputs exist and dvc.lock is true: nothing left to reproduce.
+    for path in ("models/model.pt", "reports/train.json", "reports/eval.json", "reports/registration.json"):
+        assert (project / path).is_file(), path
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    # The run's summary: metrics from both reports, model version 1, promoted to champion (the first).
+    reg = result["registration"]
+    assert reg["version"] == 1 and "champion" in reg["aliases"]
+    markdown = artifact(state.state_details.flow_run_id).data
+    assert "version **1**" in markdown and "**became champion**" in markdown
+    assert "| reports/eval.json | map_50 |" in markdown and "| reports/train.json |" in markdown
+    assert "`train.epochs=1`" in markdown
+
+
+def test_failed_stage_fails_flow_naming_it(prefect_api, archive_server, tmp_path):
+    project = make_project(tmp_path)
+    state = run_flow(project_dir=str(project), overrides=TINY, source=archive_server.url("/corrupt.zip"))
+    assert state.is_failed()
+    with pytest.raises(rt.StageFailed, match=r"stage 'validate' failed: (.|\n)*label.csv row 4: .*xmin"):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["fetch"].state.is_completed() and runs["validate"].state.is_failed()
+    assert "train" not in runs and not (project / "models" / "model.pt").exists()
+
+
+def test_permanent_fetch_error_is_not_retried(prefect_api, archive_server, tmp_path):
+    project = make_project(tmp_path)
+    archive_server.log.clear()
+    state = run_flow(project_dir=str(project), overrides=TINY, source=archive_server.url("/missing.zip"))
+    assert state.is_failed()
+    with pytest.raises(rt.StageFailed, match=r"stage 'fetch' failed: (.|\n)*HTTP 404"):
+        state.result()
+    assert archive_server.log == [("/missing.zip", 404)]  # one request: neither ssd fetch nor Prefect retried
+    assert task_runs(state.state_details.flow_run_id)["fetch"].run_count == 1
+
+
+def test_served_deployment_has_weekly_schedule_and_runs(trained, prefect_api):
+    """`python -m flows.retrain serve` (the README's command) in the trained project: the deployment
+    carries the cron schedule, and a run triggered through it completes (every stage up to date)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    project = trained["project"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = open(project / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.retrain", "serve"], cwd=project, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    name = f"{rt.FLOW_NAME}/{rt.DEPLOYMENT_NAME}"
+
+    async def read_deployment():
+        async with get_client() as client:
+            return await client.read_deployment_by_name(name)
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                deployment = asyncio.run(read_deployment())
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"no deployment: {(project / 'serve.log').read_text()[-3000:]}")
+                time.sleep(1)
+        (schedule,) = deployment.schedules
+        assert schedule.schedule.cron == rt.WEEKLY_CRON and schedule.schedule.timezone == rt.TIMEZONE
+        assert schedule.active
+
+        flow_run = run_deployment(name, timeout=240, poll_interval=1)
+        assert flow_run.state.is_completed(), (flow_run.state, (project / "serve.log").read_text()[-3000:])
+        markdown = artifact(flow_run.id).data
+        assert all(f"| {stage} | skipped |" in markdown for stage in rt.STAGES), markdown
+        assert "version **1**" in markdown and "**is champion**" in markdown
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
