@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-3`` as a float (YAML 1.2, as DVC reads it)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -19,7 +32,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path} (run from the project root or pass --params)")
-    params = yaml.safe_load(path.read_text()) or {}
+    params = _load_yaml(path.read_text()) or {}
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return apply_overrides(params, overrides or [], source=str(path))
@@ -39,5 +52,5 @@ def apply_overrides(params: dict[str, Any], overrides: list[str], source: str = 
             node = node[part]
         if leaf not in node:
             raise ValueError(f"override {item!r}: {source} has no key {key!r}")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _load_yaml(raw)
     return params
