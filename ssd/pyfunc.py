@@ -1,0 +1,106 @@
+"""TinySSD as an MLflow pyfunc model, callable from Python or over REST.
+
+Input: a pandas DataFrame with one column ``image`` holding each image's encoded file bytes
+(PNG, JPEG, ... any size or mode) as a base64 string (raw ``bytes`` work too from Python).
+Over REST that is::
+
+    POST /invocations  {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]},
+                        "params": {"threshold": 0.5}}
+
+Output: a DataFrame with one row per detection: ``image`` (the input row), ``class_id``,
+``label``, ``score`` and ``xmin, ymin, xmax, ymax`` in the original image's pixels. Images
+without a detection above the threshold have no row. Param ``threshold`` (default: the
+evaluation threshold the model was registered with) is the minimum score.
+
+The model is logged "from code": MLflow stores this file with the model and runs it at load time
+(the ``set_model`` call at the bottom), so nothing is pickled. Its imports are absolute because
+of that, and the environment that loads the model needs the ``ssd`` package installed
+(``pip install -e .``), as ``mlflow models serve --env-manager local`` has.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import mlflow.models
+import mlflow.pyfunc
+import pandas as pd
+
+IMAGE_COLUMN = "image"
+OUTPUT_COLUMNS = ["image", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax"]
+WEIGHTS_ARTIFACT = "weights"
+
+
+def encode_image(data: bytes) -> str:
+    """Encoded image file bytes as the base64 text the model takes."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def _decode(value: Any, row: int) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"row {row}: column {IMAGE_COLUMN!r} is not valid base64") from None
+    raise ValueError(f"row {row}: column {IMAGE_COLUMN!r} must hold base64 text or bytes, got {type(value).__name__}")
+
+
+def detections_frame(results: list[list[dict[str, Any]]]) -> pd.DataFrame:
+    """Per-image detection dicts (``ssd.predict.detect``) as the flat output table."""
+    rows = [{"image": i, "class_id": d["class_id"], "label": d["label"], "score": d["score"],
+             "xmin": d["box"][0], "ymin": d["box"][1], "xmax": d["box"][2], "ymax": d["box"][3]}
+            for i, dets in enumerate(results) for d in dets]
+    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS).astype(
+        {"image": "int64", "class_id": "int64", "label": "str", "score": "float64", "xmin": "float64",
+         "ymin": "float64", "xmax": "float64", "ymax": "float64"})
+
+
+class TinySSDModel(mlflow.pyfunc.PythonModel):
+    """Loads ``model.pt`` from the model's artifacts; settings come from the model config."""
+
+    def load_context(self, context):  # noqa: ANN001
+        from ssd.model import load_model
+
+        config = context.model_config or {}
+        self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT])
+        self.image_size = int(config.get("image_size", 256))
+        self.nms_threshold = float(config.get("nms_threshold", 0.5))
+        self.threshold = float(config.get("threshold", 0.9))
+
+    # No type hints on predict: MLflow would try to derive a schema from them; the signature is explicit.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        from ssd.predict import detect, read_images
+
+        if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+            raise ValueError(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded images")
+        threshold = float((params or {}).get("threshold", self.threshold))
+        blobs = [_decode(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN])]
+        images, sizes = read_images(blobs, self.image_size)
+        return detections_frame(detect(self.net, images, sizes, threshold, self.nms_threshold))
+
+
+def signature(threshold: float) -> Any:
+    """Input: one string column ``image``; output: the detection table; param ``threshold``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    outputs = [ColSpec("long", "image"), ColSpec("long", "class_id"), ColSpec("string", "label"),
+               ColSpec("double", "score")] + [ColSpec("double", c) for c in OUTPUT_COLUMNS[4:]]
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), outputs=Schema(outputs),
+                          params=ParamSchema([ParamSpec("threshold", "double", float(threshold))]))
+
+
+def example_input() -> pd.DataFrame:
+    """A small input example (one generated 64x64 PNG), stored with the model and its signature."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 160, 90)).save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [encode_image(buffer.getvalue())]})
+
+
+mlflow.models.set_model(TinySSDModel())

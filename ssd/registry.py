@@ -1,0 +1,297 @@
+"""The MLflow model registry: register the trained model and decide which version serves.
+
+    ssd register             # log the pyfunc into the training's run, register a version, move aliases
+    ssd promote --version N  # what a person does in the UI: point `champion` at version N
+
+``register`` logs ``ssd.pyfunc.TinySSDModel`` (``model.pt`` inside as an artifact, with a signature
+and an input example) into the run named by ``models/mlflow_run.json``, registers it as a new
+version of ``registry.model_name`` tagged with its validation metrics, git commit, dataset hash and
+data source, and gives it the alias ``challenger``. ``champion`` moves to it only when
+:func:`decide_promotion` says so (no champion yet, or val mAP@0.5 better by at least
+``registry.min_improvement``). ``reports/registration.json`` records the outcome.
+
+Running it twice is safe: a version already registered from the same run with the same weights
+(tags ``run_id`` and ``model_sha256``) is reused rather than duplicated. MLflow's REST client
+already retries transient HTTP failures (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``), so no retry loop
+is added here.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .files import atomic_write_json
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+METRIC = "map_50"           # the metric that decides promotion
+MODEL_ARTIFACT = "model"    # the logged model's name inside the run
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return "promoted" if self.promote else "kept"
+
+
+def decide_promotion(candidate: float, champion: float | None, min_improvement: float = 0.0,
+                     has_champion: bool | None = None) -> Decision:
+    """Whether a candidate with val mAP@0.5 ``candidate`` should replace the champion.
+
+    ``champion`` is the champion's val mAP@0.5 (``None`` if there is no champion, or, with
+    ``has_champion=True``, if the champion's metric is unknown). The candidate must be strictly
+    better, and better by at least ``min_improvement``.
+    """
+    has_champion = champion is not None if has_champion is None else has_champion
+    if not math.isfinite(candidate):
+        return Decision(False, f"candidate {METRIC} is {candidate}: not promoted")
+    if not has_champion:
+        return Decision(True, f"no champion yet: candidate {METRIC}={candidate:.4f} becomes champion")
+    if champion is None or not math.isfinite(champion):
+        return Decision(False, f"the champion's {METRIC} is unknown: not replaced automatically")
+    gain = candidate - champion
+    if gain > 0 and gain >= min_improvement:
+        return Decision(True, f"{METRIC} {candidate:.4f} beats champion's {champion:.4f} by {gain:.4f} "
+                              f"(>= {min_improvement:g})")
+    return Decision(False, f"{METRIC} {candidate:.4f} does not beat champion's {champion:.4f} "
+                           f"by more than 0 and at least {min_improvement:g}")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """``HEAD``'s hash (with ``-dirty`` if tracked files changed), or ``unknown`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def dataset_info(data_dir: str | Path = "data/raw", lock_file: str | Path = "dvc.lock",
+                 default_source: str = "unknown") -> dict[str, str]:
+    """``dataset_hash`` (DVC's hash of ``data_dir`` in ``dvc.lock``, else the manifest's SHA-256) and
+    ``data_source`` (from ``data_dir/manifest.json``, else ``default_source``)."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    manifest: dict[str, Any] = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            manifest = {}
+    dataset_hash = "unknown"
+    if Path(lock_file).is_file():
+        stages = (yaml.safe_load(Path(lock_file).read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []) or []:
+                if Path(out.get("path", "")) == data_dir and out.get("md5"):
+                    dataset_hash = f"md5:{out['md5']}"
+    if dataset_hash == "unknown" and manifest_path.is_file():
+        dataset_hash = f"sha256:{file_sha256(manifest_path)}"
+    source = manifest.get("source") or manifest.get("data_source") or default_source
+    return {"dataset_hash": dataset_hash, "data_source": str(source)}
+
+
+def _client(uri: str) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _mlflow_errors() -> type[Exception]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> str:
+    """Log the pyfunc with ``model_path`` inside into run ``run_id``; returns the model URI."""
+    import mlflow
+    import pandas as pd
+    import PIL
+    import torch
+    import torchvision
+
+    from . import pyfunc as ssd_pyfunc
+
+    threshold = float(params["evaluate"]["threshold"])
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # MLflow nags about type hints on predict; the signature below is explicit instead.
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=ssd_pyfunc.__file__, artifacts={ssd_pyfunc.WEIGHTS_ARTIFACT: str(model_path)},
+            signature=ssd_pyfunc.signature(threshold), input_example=ssd_pyfunc.example_input(),
+            model_config={"image_size": int(params["data"]["image_size"]), "threshold": threshold,
+                          "nms_threshold": float(params["evaluate"]["nms_threshold"])},
+            # Explicit, so MLflow does not load the model in a subprocess to guess them. The `ssd`
+            # package itself must be installed where the model is loaded (it is not on PyPI).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}",
+                              f"mlflow=={mlflow.__version__}"])
+    return info.model_uri
+
+
+def find_version(client: Any, name: str, run_id: str, model_sha: str) -> Any | None:
+    """The version of ``name`` already registered from ``run_id`` with these weights, if any."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except _mlflow_errors():
+        return None
+    for version in versions:
+        tags = version.tags or {}
+        if tags.get("run_id") == run_id and tags.get("model_sha256") == model_sha:
+            return version
+    return None
+
+
+def champion_of(client: Any, name: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except _mlflow_errors():
+        return None
+
+
+def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
+             eval_file: str | Path = "reports/eval.json", run_file: str | Path = "models/mlflow_run.json",
+             out: str | Path = "reports/registration.json", data_dir: str | Path = "data/raw") -> dict[str, Any]:
+    """The whole stage (see the module docstring); returns what it writes to ``out``."""
+    from .tracking import read_run_file
+
+    cfg = params["registry"]
+    name, min_improvement = str(cfg["model_name"]), float(cfg["min_improvement"])
+    model_path, eval_file = Path(model_path), Path(eval_file)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file not found: {model_path} (run the train stage first)")
+    if not eval_file.is_file():
+        raise FileNotFoundError(f"{eval_file} not found (run the evaluate stage first)")
+    metrics = json.loads(eval_file.read_text())
+    if METRIC not in metrics:
+        raise ValueError(f"{eval_file}: no {METRIC!r} metric")
+    run = read_run_file(run_file)
+    run_id, uri = run["run_id"], run["tracking_uri"]
+    client = _client(uri)
+    model_sha = file_sha256(model_path)
+
+    version = find_version(client, name, run_id, model_sha)
+    reused = version is not None
+    if version is None:
+        import mlflow
+
+        model_uri = log_pyfunc(run_id, model_path, params)
+        tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        tags.update(dataset_info(data_dir, default_source=str(params.get("data", {}).get("source", "unknown"))))
+        tags.update({"git_commit": git_commit(), "run_id": run_id, "model_sha256": model_sha})
+        version = mlflow.register_model(model_uri, name, tags=tags)
+    version_no = str(version.version)
+    client.set_registered_model_alias(name, CHALLENGER, version_no)
+
+    champion = champion_of(client, name)
+    candidate = float(metrics[METRIC])
+    if champion is not None and str(champion.version) == version_no:
+        decision = Decision(False, f"version {version_no} is already the champion")
+    else:
+        champion_metric = (champion.tags or {}).get(f"val_{METRIC}") if champion is not None else None
+        decision = decide_promotion(candidate, float(champion_metric) if champion_metric is not None else None,
+                                    min_improvement, has_champion=champion is not None)
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, version_no)
+            client.set_model_version_tag(name, version_no, "champion_reason", decision.reason)
+    champion = champion_of(client, name)
+    aliases = sorted(client.get_model_version(name, version_no).aliases or [])
+    record = {"model_name": name, "version": int(version_no), "model_uri": f"models:/{name}/{version_no}",
+              "aliases": aliases, "decision": decision.label, "reason": decision.reason,
+              "champion_version": int(champion.version) if champion is not None else None,
+              f"val_{METRIC}": candidate, "run_id": run_id, "tracking_uri": uri, "reused_version": reused}
+    atomic_write_json(out, record)
+    return record
+
+
+def promote(name: str, version: int | str, uri: str | None = None) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` of ``name``; ``ValueError`` naming the versions if it does not exist."""
+    from .tracking import tracking_uri
+
+    uri = uri or tracking_uri()
+    client = _client(uri)
+    try:
+        client.get_model_version(name, str(version))
+    except _mlflow_errors():
+        try:
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        except _mlflow_errors():
+            known = []
+        raise ValueError(f"registered model {name!r} has no version {version} at {uri} "
+                         f"(versions: {', '.join(map(str, known)) or 'none'})") from None
+    previous = champion_of(client, name)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), "champion_reason", "promoted manually (ssd promote)")
+    return {"model_name": name, "version": int(version), "alias": CHAMPION,
+            "previous_champion": int(previous.version) if previous is not None else None}
+
+
+def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn``; MLflow's own errors become ``RuntimeError`` so the CLI prints them and exits 1."""
+    try:
+        return fn(*args, **kwargs)
+    except _mlflow_errors() as exc:
+        raise RuntimeError(f"MLflow: {getattr(exc, 'message', exc)}") from None
+
+
+def add_register_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_params_arguments
+
+    parser.add_argument("--model", default="models/model.pt", help="model file (default: %(default)s)")
+    parser.add_argument("--eval", default="reports/eval.json", help="evaluation metrics (default: %(default)s)")
+    parser.add_argument("--run-file", default="models/mlflow_run.json",
+                        help="the training's MLflow run (default: %(default)s)")
+    parser.add_argument("--out", default="reports/registration.json", help="record (default: %(default)s)")
+    add_params_arguments(parser)
+
+
+def register_main(args: argparse.Namespace) -> int:
+    from .params import load_params
+
+    record = _registry_call(register, load_params(args.params, args.set), args.model, args.eval,
+                            args.run_file, args.out)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_params_arguments
+
+    parser.add_argument("--version", required=True, type=int, help="registered version to make champion")
+    parser.add_argument("--name", default=None, help="registered model (default: params registry.model_name)")
+    add_params_arguments(parser)
+
+
+def promote_main(args: argparse.Namespace) -> int:
+    from .params import load_params
+
+    name = args.name or load_params(args.params, args.set)["registry"]["model_name"]
+    print(json.dumps(_registry_call(promote, name, args.version), indent=2))
+    return 0
