@@ -117,17 +117,22 @@ def _clutter(rng: np.random.Generator, img: Image.Image) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# objects: each returns (mask bool [h, w], colour float32 [h, w, 3]) cropped to the tight box
+# objects: each returns (mask bool [h, w], colour float32 [h, w, 3]) cropped to its tight box
 
-def _crop(mask: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _tight(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The tight box of ``mask`` as slices, or None when its size is outside the real statistics."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    return mask[sl], colour[sl]
+    if not len(rows):
+        return None
+    h, w = rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]
+    if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE and MIN_ASPECT <= w / h <= MAX_ASPECT):
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def _banana(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _banana(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
     """A crescent: an arc of radius ``R`` over ``[-theta, theta]``, thickest in the middle, tapering
-    to brown tips, shaded across its width, rotated by a random angle."""
+    to brown tips, shaded across its width, rotated by a random angle. None if its box is off-size."""
     chord = rng.uniform(40, 80)
     theta = rng.uniform(0.45, 1.0)                   # half the arc's angle: how curved it is
     radius = chord / (2 * np.sin(theta))
@@ -145,6 +150,10 @@ def _banana(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     t = thick / 2 * np.sqrt(np.clip(1 - phi ** 2, 0, 1)) ** 0.7 + 1.0
     across = (r - radius) / t                       # -1 (inner edge) .. 1 (outer edge)
     mask = (np.abs(phi) <= 1) & (np.abs(across) <= 1)
+    box = _tight(mask)
+    if box is None:  # rejected before the (costlier) colouring
+        return None
+    mask, phi, across = mask[box], phi[box], across[box]
     base = rng.uniform([0.85, 0.70, 0.05], [1.0, 0.90, 0.30]).astype(np.float32)
     shade = 0.55 + 0.45 * np.sqrt(np.clip(1 - (across - rng.uniform(-0.5, 0.5)) ** 2, 0, 1))
     shade = shade * (1 + 0.06 * rng.standard_normal(shade.shape).astype(np.float32))
@@ -153,10 +162,10 @@ def _banana(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     colour = colour * (1 - tip) + np.array([0.35, 0.22, 0.08], np.float32) * tip
     ridge = np.exp(-((across + 0.6) / 0.12) ** 2)[..., None] * 0.25              # a darker ridge line
     colour = colour * (1 - ridge)
-    return _crop(mask, np.clip(colour, 0, 1))
+    return mask, np.clip(colour, 0, 1)
 
 
-def _round_fruit(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
+def _round_fruit(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray] | None:
     """A shaded ellipse with a highlight and a stem: the look of every class other than banana."""
     w, h = rng.uniform(34, 70), rng.uniform(34, 70)
     half = int(max(w, h)) // 2 + 2
@@ -169,16 +178,17 @@ def _round_fruit(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.nda
     colour = hue * (1 - 0.45 * d)[..., None] + 0.5 * light[..., None]
     stem = (np.abs(xx) < 2) & (yy < -h / 2 + 6) & mask
     colour[stem] = [0.3, 0.2, 0.05]
-    return _crop(mask, np.clip(colour, 0, 1))
+    box = _tight(mask)
+    return None if box is None else (mask[box], np.clip(colour[box], 0, 1))
 
 
 def _object(rng: np.random.Generator, cls: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """An object whose box fits the real statistics (rejection sampling: a few tries on average)."""
+    """``(mask bool [h, w], colour float32 [h, w, 3])`` cropped to a box that fits the real statistics
+    (rejection sampling: a few cheap tries on average)."""
     while True:
-        mask, colour = _banana(rng) if name == "banana" else _round_fruit(rng, cls)
-        h, w = mask.shape
-        if MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE and MIN_ASPECT <= w / h <= MAX_ASPECT:
-            return mask, colour
+        drawn = _banana(rng) if name == "banana" else _round_fruit(rng, cls)
+        if drawn is not None:
+            return drawn
 
 
 def render_image(rng: np.random.Generator, size: int = 256, classes: Sequence[str] = ("banana",),
