@@ -54,3 +54,82 @@ def read_run_file(path: str | Path = RUN_FILE) -> dict[str, Any]:
     if "run_id" not in info:
         raise ValueError(f"{path}: no run_id")
     return info
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run records about where it came from (used by training; evaluation may reuse it).
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 0.2}}`` -> ``{"train.lr": "0.2"}``; lists stay one value (``"[1, 2, 0.5]"``)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """The checked-out commit (``+dirty`` when tracked files differ), or ``unknown`` outside git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def dataset_tags(raw_dir: str | Path = "data/raw", dvc_lock: str | Path = "dvc.lock") -> dict[str, str]:
+    """``data_hash`` (DVC's md5 of ``raw_dir`` from dvc.lock, else the archive SHA-1 in the
+    manifest) and ``data_source`` (``d2l``, ``synthetic``, ... from ``raw_dir/manifest.json``)."""
+    import yaml
+
+    raw_dir = Path(raw_dir)
+    tags = {"data_hash": "unknown", "data_source": "unknown"}
+    manifest_path = raw_dir / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            tags["data_source"] = str(manifest.get("resolved_source", "unknown"))
+            if manifest.get("synthetic_fallback"):
+                tags["data_synthetic_fallback"] = "true"
+            if manifest.get("sha1"):
+                tags["data_hash"] = f"sha1:{manifest['sha1']}"
+        except (OSError, ValueError):
+            pass
+    if Path(dvc_lock).is_file():
+        try:
+            lock = yaml.safe_load(Path(dvc_lock).read_text()) or {}
+            for out in (lock.get("stages", {}).get("fetch", {}) or {}).get("outs", []) or []:
+                if Path(out.get("path", "")) == raw_dir and out.get("md5"):
+                    tags["data_hash"] = f"dvc-md5:{out['md5']}"
+        except (OSError, ValueError, AttributeError):
+            pass
+    return tags
+
+
+def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None) -> tuple[Any, bool]:
+    """Make ``run_id``'s run active again when the store has it, else start a new run in ``experiment``.
+
+    Returns ``(active mlflow run, resumed)``. The caller ends it (``mlflow.end_run``).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    if run_id:
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+            return mlflow.start_run(run_id=run_id), True
+        except MlflowException:
+            import warnings
+
+            warnings.warn(f"MLflow run {run_id} is not in {uri}; starting a new run", stacklevel=2)
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(), False

@@ -1,0 +1,149 @@
+"""The training stage: outputs, checkpoints and resume, crash recovery, non-finite loss, settings."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssd.cli import main as cli_main
+from ssd.model import load_model
+from ssd.train import (Fault, _settings, data_fingerprint, parse_fault, resolve_precision, resume_key)
+from tiny_data import make_project, train_env
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_train_outputs_then_resume_extends_the_same_run(tmp_path, monkeypatch, mlflow_server):
+    import mlflow
+
+    project = make_project(tmp_path / "p")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert cli_main(["train"]) == 0
+
+    net = load_model("models/model.pt")
+    assert net.config.classes == ["banana"]
+    metrics = json.loads((project / "reports/train.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["world_size"] == 1 and metrics["precision"] == "fp32"
+    assert 0 <= metrics["class_err"] <= 1 and metrics["bbox_mae"] >= 0 and metrics["examples_per_sec"] > 0
+    rows = list(csv.DictReader((project / "reports/train_history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "loss", "class_err", "bbox_mae", "examples_per_sec"}
+    ckpts = sorted(p.name for p in (project / "models/checkpoints").iterdir())
+    assert ckpts == ["epoch_0001.pt", "epoch_0002.pt"]
+    ckpt = torch.load(project / "models/checkpoints/epoch_0002.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2 and ckpt["params"]["train"]["lr"] == 0.2
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng"]) and "optimizer" in ckpt
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert ckpt["mlflow_run_id"] == run_id
+    # The final model is the last checkpoint's weights.
+    for key, value in _state("models/model.pt").items():
+        assert torch.equal(value, ckpt["model"][key]), key
+
+    # More epochs: resumes at epoch 3 in the same MLflow run.
+    assert cli_main(["train", "-S", "train.epochs=3"]) == 0
+    rows = list(csv.DictReader((project / "reports/train_history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert json.loads((project / "models/mlflow_run.json").read_text())["run_id"] == run_id
+    history = mlflow.MlflowClient(mlflow_server).get_metric_history(run_id, "class_err")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+    # Different params: the checkpoints are not reused, a new run starts.
+    with pytest.warns(UserWarning, match="different params; starting fresh"):
+        assert cli_main(["train", "-S", "train.epochs=1", "-S", "train.lr=0.1"]) == 0
+    assert json.loads((project / "models/mlflow_run.json").read_text())["run_id"] != run_id
+    assert len(list(csv.DictReader((project / "reports/train_history.csv").open()))) == 1
+
+
+def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run(tmp_path, mlflow_server):
+    cmd = [sys.executable, "-m", "ssd", "train"]
+    whole = make_project(tmp_path / "whole")
+    subprocess.run(cmd, cwd=whole, env=train_env(mlflow_server), check=True, capture_output=True, timeout=300)
+
+    crashed = make_project(tmp_path / "crashed")
+    killed = subprocess.run(cmd, cwd=crashed, env=train_env(mlflow_server, SSD_FAULT="kill@2:1"),
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert not (crashed / "models/model.pt").exists()
+    assert sorted(p.name for p in (crashed / "models/checkpoints").glob("*.pt")) == ["epoch_0001.pt"]
+    run_id = json.loads((crashed / "models/mlflow_run.json").read_text())["run_id"]
+
+    rerun = subprocess.run(cmd, cwd=crashed, env=train_env(mlflow_server), capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert "resuming from" in rerun.stderr.decode()
+    assert json.loads((crashed / "models/mlflow_run.json").read_text())["run_id"] == run_id
+    expected, got = _state(whole / "models/model.pt"), _state(crashed / "models/model.pt")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+
+
+def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, mlflow_server):
+    import mlflow
+
+    project = make_project(tmp_path / "p")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("SSD_FAULT", "nan@2:1")
+    monkeypatch.setenv("SSD_DEBUG", "1")  # let the CLI re-raise instead of printing
+    with pytest.raises(RuntimeError, match=r"non-finite loss at epoch 2 step 1.*epoch_0001\.pt"):
+        cli_main(["train"])
+    assert sorted(p.name for p in (project / "models/checkpoints").glob("*.pt")) == ["epoch_0001.pt"]
+    good = torch.load(project / "models/checkpoints/epoch_0001.pt", weights_only=True)
+    assert good["epoch"] == 1 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    assert not (project / "models/model.pt").exists() and not (project / "reports/train.json").exists()
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
+
+
+def test_cli_reports_user_errors(tmp_path, monkeypatch, capsys):
+    project = make_project(tmp_path / "p", images=4)
+    monkeypatch.chdir(project)
+    assert cli_main(["train", "--data", "nowhere"]) == 1
+    assert "dataset folder not found: nowhere" in capsys.readouterr().err
+    assert cli_main(["train", "-S", "train.precision=fp8"]) == 1
+    assert "train.precision='fp8'" in capsys.readouterr().err
+
+
+def test_settings_and_precision():
+    params = {"train": {"epochs": 1, "batch_size": 32, "lr": 0.2, "weight_decay": 5e-4}}
+    assert _settings(params, 4)["batch_size"] == 32
+    with pytest.raises(ValueError, match="batch_size=32 is the global batch.*3 processes"):
+        _settings(params, 3)
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="expected one of auto, fp32, bf16, fp16"):
+        resolve_precision("half", cpu)
+    # Everything but train.epochs must match for a resume.
+    a = {"base": {"seed": 0}, "data": {}, "model": {}, "train": {"epochs": 5, "lr": 0.2}}
+    assert resume_key(a) == resume_key({**a, "train": {"epochs": 9, "lr": 0.2}})
+    assert resume_key(a) != resume_key({**a, "train": {"epochs": 5, "lr": 0.1}})
+
+
+def test_fault_spec(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert parse_fault(None) is None
+    assert parse_fault("nan@2:3") == Fault("nan", 2, 3)
+    assert parse_fault("kill@1:2:1") == Fault("kill", 1, 2, 1)
+    with pytest.raises(ValueError, match="SSD_FAULT='boom'"):
+        parse_fault("boom")
+    loss = torch.tensor(1.0)
+    assert torch.isnan(Fault("nan", 2, 3).fire(2, 3, 0, loss)) and Fault("nan", 2, 3).fire(2, 4, 0, loss) == 1
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart runs clean
+    assert parse_fault("kill@1:1") is None
+
+
+def test_data_fingerprint_tracks_labels(tmp_path):
+    from ssd.data import load_dataset
+    from tiny_data import write_dataset
+
+    a = load_dataset(write_dataset(tmp_path / "a", train=4, val=1), "train", 64)
+    b = load_dataset(write_dataset(tmp_path / "b", train=4, val=1, seed=5), "train", 64)
+    assert data_fingerprint(a) == data_fingerprint(a) != data_fingerprint(b)
