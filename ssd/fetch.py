@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
-import os
-import shutil
 import socket
 import stat
 import sys
@@ -35,7 +33,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ssd.files import atomic_dir
+from ssd.files import atomic_dir, atomic_write_json
 
 DATASET_DIR = "banana-detection"
 SPLIT_DIRS = ("bananas_train", "bananas_val")
@@ -274,8 +272,6 @@ def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = 
             manifest["extracted_files"] = safe_extract(archive, tmp)
             manifest["files"] = _check_layout(tmp)
             manifest["dataset"] = DATASET_DIR
-            from ssd.files import atomic_write_json
-
             atomic_write_json(tmp / "manifest.json", manifest)
     return manifest
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,8 +117,6 @@ def test_every_problem_is_listed_not_only_the_first(data, tmp_path):
     patterns = [_damage(k, data) for k in ("corrupt png", "nan", "inverted", "unlabelled image")]
     with pytest.raises(ValueError) as err:
         run_validation(data, tmp_path / "reports", 256, CLASSES)
-    import re
-
     for pattern in patterns:
         assert re.search(pattern, str(err.value)), pattern
     assert str(err.value).startswith("4 problem(s)")
