@@ -1,0 +1,119 @@
+"""Several processes: DDP gradients, torchrun on one and on two "nodes", recovery under --max-restarts."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ssd import distributed
+from ssd.model import TinySSD
+from ssd.train import forward_loss
+from tiny_data import make_project, torchrun, train_env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch(n: int = 8, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    corner = torch.rand(n, 2, generator=g) * 0.5
+    boxes = torch.cat([corner, corner + 0.2 + torch.rand(n, 2, generator=g) * 0.3], dim=1)
+    return images, torch.cat([torch.zeros(n, 1), boxes], dim=1)[:, None, :]
+
+
+def _model() -> TinySSD:
+    torch.manual_seed(0)
+    # BN in eval mode: batch statistics would otherwise differ between a half batch and the whole.
+    return TinySSD().eval()
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = distributed.init_distributed()
+    try:
+        assert (distributed.get_rank(), distributed.get_world_size()) == (rank, world_size)
+        assert distributed.is_main_process() == (rank == 0) and dist.get_backend() == "gloo"
+        net = torch.nn.parallel.DistributedDataParallel(_model())
+        images, labels = _batch()
+        share = len(images) // world_size
+        loss, stats = forward_loss(net, images[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share])
+        loss.backward()
+        distributed.all_reduce_sum(stats)
+        if info.is_main:
+            torch.save({"grads": {n: p.grad for n, p in net.module.named_parameters()}, "stats": stats}, out)
+    finally:
+        distributed.destroy_distributed()
+
+
+def test_ddp_gradients_match_single_process_on_the_same_global_batch(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+
+    net = _model()
+    loss, stats = forward_loss(net, *_batch())
+    loss.backward()
+    torch.testing.assert_close(ddp["stats"], stats)  # the reduced metric sums are the global ones
+    for name, param in net.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _history(project) -> list[dict]:
+    return list(csv.DictReader((project / "reports/train_history.csv").open()))
+
+
+def test_torchrun_two_processes_train_end_to_end(tmp_path, mlflow_server):
+    project = make_project(tmp_path / "p", epochs=1)
+    done = subprocess.run([torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "ssd", "train"],
+                          cwd=project, env=train_env(mlflow_server), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    metrics = json.loads((project / "reports/train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 1
+    assert [r["epoch"] for r in _history(project)] == ["1"]
+    assert (project / "models/model.pt").is_file() and (project / "models/checkpoints/epoch_0001.pt").is_file()
+    # Only rank 0 logs: one epoch line, not two.
+    assert done.stderr.decode().count("epoch 1/1: loss") == 1
+
+
+def test_two_nodes_rendezvous_and_train(tmp_path, mlflow_server):
+    project = make_project(tmp_path / "p", epochs=1)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launches = [subprocess.Popen([torchrun(), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                                  "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+                                  "-m", "ssd", "train"],
+                                 cwd=project, env=train_env(mlflow_server), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)
+                for node in (0, 1)]
+    logs = [p.communicate(timeout=300)[0].decode() for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], "\n----\n".join(log[-2000:] for log in logs)
+    metrics = json.loads((project / "reports/train.json").read_text())
+    assert metrics["world_size"] == 2
+    import mlflow
+
+    run = mlflow.MlflowClient(mlflow_server).get_run(json.loads((project / "models/mlflow_run.json").read_text())["run_id"])
+    assert run.data.tags["world_size"] == "2" and run.data.tags["nnodes"] == "2"
+
+
+def test_killed_worker_recovers_from_checkpoint_under_max_restarts(tmp_path, mlflow_server):
+    project = make_project(tmp_path / "p", epochs=2)
+    done = subprocess.run([torchrun(), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                           "-m", "ssd", "train"],
+                          cwd=project, env=train_env(mlflow_server, SSD_FAULT="kill@2:1:1"),
+                          capture_output=True, timeout=300)
+    log = done.stderr.decode()
+    assert done.returncode == 0, log[-3000:]
+    assert "resuming from" in log and "epoch_0001.pt" in log  # the restart continued from epoch 1
+    assert [r["epoch"] for r in _history(project)] == ["1", "2"]
+    assert json.loads((project / "reports/train.json").read_text())["epochs"] == 2
