@@ -91,8 +91,9 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 def dataset_info(data_dir: str | Path = "data/raw", lock_file: str | Path = "dvc.lock",
                  default_source: str = "unknown") -> dict[str, str]:
-    """``dataset_hash`` (DVC's hash of ``data_dir`` in ``dvc.lock``, else the manifest's SHA-256) and
-    ``data_source`` (from ``data_dir/manifest.json``, else ``default_source``)."""
+    """``dataset_hash`` (DVC's hash of ``data_dir`` in ``dvc.lock``, else the fetched archive's SHA-1
+    from ``data_dir/manifest.json``, else that manifest's SHA-256) and ``data_source`` (the
+    manifest's ``resolved_source``: d2l, synthetic, url or file; else ``default_source``)."""
     data_dir = Path(data_dir)
     manifest_path = data_dir / "manifest.json"
     manifest: dict[str, Any] = {}
@@ -108,9 +109,11 @@ def dataset_info(data_dir: str | Path = "data/raw", lock_file: str | Path = "dvc
             for out in stage.get("outs", []) or []:
                 if Path(out.get("path", "")) == data_dir and out.get("md5"):
                     dataset_hash = f"md5:{out['md5']}"
+    if dataset_hash == "unknown" and manifest.get("sha1"):
+        dataset_hash = f"sha1:{manifest['sha1']}"
     if dataset_hash == "unknown" and manifest_path.is_file():
         dataset_hash = f"sha256:{file_sha256(manifest_path)}"
-    source = manifest.get("source") or manifest.get("data_source") or default_source
+    source = manifest.get("resolved_source") or manifest.get("source") or default_source
     return {"dataset_hash": dataset_hash, "data_source": str(source)}
 
 

@@ -1,0 +1,118 @@
+"""Model registry: the promotion rule, and registration/promotion against a real `mlflow server`."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd.cli import main as cli_main
+from ssd.model import TinySSD, save_model
+from ssd.params import load_params
+from ssd.registry import dataset_info, decide_promotion, register
+from ssd.tracking import write_run_file
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tinyssd-registry-test"
+
+
+class TestDecidePromotion:
+    def test_no_champion_promotes(self):
+        assert decide_promotion(0.1, None).promote
+
+    def test_better_promotes(self):
+        d = decide_promotion(0.7, 0.5, 0.0)
+        assert d.promote and d.label == "promoted" and "beats" in d.reason
+
+    def test_equal_does_not_promote(self):
+        assert not decide_promotion(0.5, 0.5, 0.0).promote
+
+    def test_worse_does_not_promote(self):
+        d = decide_promotion(0.3, 0.5, 0.0)
+        assert not d.promote and d.label == "kept"
+
+    def test_min_improvement(self):
+        assert not decide_promotion(0.55, 0.5, 0.1).promote
+        assert decide_promotion(0.61, 0.5, 0.1).promote
+
+    def test_nan_candidate_never_promotes(self):
+        assert not decide_promotion(float("nan"), None).promote
+
+    def test_champion_with_unknown_metric_is_kept(self):
+        assert not decide_promotion(0.9, None, 0.0, has_champion=True).promote
+
+
+def test_dataset_info_prefers_dvc_lock(tmp_path):
+    data = tmp_path / "data" / "raw"
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text(json.dumps({"resolved_source": "synthetic"}))
+    lock = tmp_path / "dvc.lock"
+    assert dataset_info(data, lock)["dataset_hash"].startswith("sha256:")
+    lock.write_text(f"schema: '2.0'\nstages:\n  fetch:\n    outs:\n    - path: {data}\n      md5: abc.dir\n")
+    assert dataset_info(data, lock) == {"dataset_hash": "md5:abc.dir", "data_source": "synthetic"}
+
+
+def _training_run(tmp: Path, uri: str, seed: int, map_50: float) -> dict:
+    """What the train and evaluate stages leave behind: model.pt, the run file and eval.json."""
+    import mlflow
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    save_model(TinySSD(1), tmp / "model.pt")
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        pass
+    write_run_file(run.info.run_id, uri, tmp / "mlflow_run.json")
+    (tmp / "eval.json").write_text(json.dumps({"map_50": map_50, "map": map_50 / 2, "precision": 0.5}))
+    return {"model_path": tmp / "model.pt", "eval_file": tmp / "eval.json", "run_file": tmp / "mlflow_run.json",
+            "out": tmp / "registration.json", "data_dir": tmp / "no-data"}
+
+
+@pytest.mark.slow
+def test_register_and_promote_against_mlflow_server(mlflow_server, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={NAME}"])
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+
+    first = _training_run(tmp_path / "a", mlflow_server, seed=0, map_50=0.5)
+    rec = register(params, **first)
+    assert (rec["version"], rec["decision"], rec["aliases"]) == (1, "promoted", ["challenger", "champion"])
+    assert json.loads(first["out"].read_text()) == rec
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["val_map_50"] == "0.5" and tags["data_source"] == "auto"  # params data.source: no manifest here
+    assert {"git_commit", "dataset_hash", "model_sha256", "run_id"} <= set(tags)
+
+    # Safe to run twice: same run, same weights -> the same version, nothing new registered.
+    again = register(params, **first)
+    assert (again["version"], again["reused_version"], again["aliases"]) == (1, True, ["challenger", "champion"])
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+
+    worse = register(params, **_training_run(tmp_path / "b", mlflow_server, seed=1, map_50=0.3))
+    assert (worse["version"], worse["decision"], worse["aliases"]) == (2, "kept", ["challenger"])
+    assert client.get_model_version_by_alias(NAME, "champion").version == "1"
+
+    better = register(params, **_training_run(tmp_path / "c", mlflow_server, seed=2, map_50=0.7))
+    assert (better["version"], better["decision"], better["champion_version"]) == (3, "promoted", 3)
+    assert client.get_model_version(NAME, "2").aliases == []  # challenger moved on
+
+    # Manual promotion, as a person would do in the UI, through the CLI.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    capsys.readouterr()
+    assert cli_main(["promote", "--version", "2", "--params", str(ROOT / "params.yaml"),
+                     "-S", f"registry.model_name={NAME}"]) == 0
+    assert json.loads(capsys.readouterr().out)["previous_champion"] == 3
+    assert client.get_model_version_by_alias(NAME, "champion").version == "2"
+
+    assert cli_main(["promote", "--version", "99", "--name", NAME, "--params", str(ROOT / "params.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "no version 99" in err and "versions: 1, 2, 3" in err
+    assert client.get_model_version_by_alias(NAME, "champion").version == "2"
+
+
+def test_register_without_eval_file_is_a_clear_error(tmp_path, capsys):
+    save_model(TinySSD(1), tmp_path / "model.pt")
+    rc = cli_main(["register", "--params", str(ROOT / "params.yaml"), "--model", str(tmp_path / "model.pt"),
+                   "--eval", str(tmp_path / "eval.json"), "--out", str(tmp_path / "registration.json")])
+    assert rc == 1
+    assert "eval.json not found" in capsys.readouterr().err
+    assert not (tmp_path / "registration.json").exists()

@@ -1,0 +1,122 @@
+"""Serving: the registered champion, loaded by URI and behind `mlflow models serve`, answers with detections."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ssd.model import TinySSD, save_model
+from ssd.params import load_params
+from ssd.predict import predict_files
+from ssd.pyfunc import OUTPUT_COLUMNS
+from ssd.registry import register
+from ssd.tracking import write_run_file
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tinyssd-serve-test"
+URI = f"models:/{NAME}@champion"
+
+pytestmark = pytest.mark.slow
+
+
+def _png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def champion(mlflow_server, tmp_path_factory):
+    """A champion registered the way `ssd register` does it, on the test server."""
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    save_model(TinySSD(1), tmp / "model.pt")
+    mlflow.set_tracking_uri(mlflow_server)
+    with mlflow.start_run() as run:
+        pass
+    write_run_file(run.info.run_id, mlflow_server, tmp / "mlflow_run.json")
+    (tmp / "eval.json").write_text(json.dumps({"map_50": 0.4}))
+    params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={NAME}"])
+    record = register(params, tmp / "model.pt", tmp / "eval.json", tmp / "mlflow_run.json",
+                      tmp / "registration.json", tmp / "data")
+    assert "champion" in record["aliases"]
+    return tmp
+
+
+def test_champion_loads_by_alias_and_predicts(champion, mlflow_server, monkeypatch):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(URI)
+    frame = pd.DataFrame({"image": [base64.b64encode(_png(Image.new("LA", (90, 40)))).decode()]})
+    table = model.predict(frame, params={"threshold": 0.0})
+    assert list(table.columns) == OUTPUT_COLUMNS and len(table) > 0
+    assert (table["xmax"] <= 90).all() and (table["ymax"] <= 40).all()
+
+    # `ssd predict --model models:/...@champion` goes through the same model.
+    Image.new("RGB", (120, 60), (200, 180, 20)).save(champion / "img.png")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    (result,) = predict_files([champion / "img.png"], URI, threshold=0.0)
+    assert (result["width"], result["height"]) == (120, 60) and result["detections"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_rest_requests(champion, mlflow_server):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    log = open(champion / "serve.log", "wb")
+    # Its own session, so the uvicorn worker it spawns is stopped with it.
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", URI,
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (champion / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow models serve did not start"
+            time.sleep(1)
+
+        images = [_png(Image.new("RGBA", (100, 80), (200, 100, 50, 128))), _png(Image.new("L", (300, 200), 90))]
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in images]},
+                "params": {"threshold": 0.0}}
+        request = urllib.request.Request(base + "/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            predictions = json.loads(r.read())["predictions"]
+        assert {p["image"] for p in predictions} == {0, 1}
+        assert set(predictions[0]) == set(OUTPUT_COLUMNS)
+        for p in predictions:
+            width, height = (100, 80) if p["image"] == 0 else (300, 200)
+            assert 0 <= p["xmin"] <= p["xmax"] <= width and 0 <= p["ymin"] <= p["ymax"] <= height
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
