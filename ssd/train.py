@@ -240,7 +240,8 @@ def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim
     atomic_torch_save({
         "epoch": epoch, "sampler_epoch": epoch, "config": asdict(net.config), "model": net.state_dict(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-        "params": params, "history": history, "data_fingerprint": data_fingerprint, "mlflow_run_id": run_id,
+        "params": params, "history": history, "data_fingerprint": data_fingerprint,
+        "code_fingerprint": code_fingerprint(), "mlflow_run_id": run_id,
     }, path)
     for old in sorted(directory.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
@@ -258,6 +259,9 @@ def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: s
         if resume_key(ckpt.get("params", {})) != resume_key(params):
             warnings.warn(f"{path} was made with different params; starting fresh", stacklevel=2)
             return None
+        if ckpt.get("code_fingerprint") != code_fingerprint():
+            warnings.warn(f"{path} was made by different training code; starting fresh", stacklevel=2)
+            return None
         if ckpt.get("data_fingerprint") != data_fingerprint:
             warnings.warn(f"{path} was made on different training data; starting fresh", stacklevel=2)
             return None
@@ -268,6 +272,17 @@ def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: s
         ckpt["path"] = str(path)
         return ckpt
     return None
+
+
+CODE_MODULES = ("train", "model", "anchors", "boxes", "loss", "data")
+
+
+def code_fingerprint() -> str:
+    """SHA-1 of the training code: a checkpoint is only resumed by the code that made it."""
+    digest = hashlib.sha1()
+    for name in CODE_MODULES:
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()
 
 
 def data_fingerprint(dataset: DetectionDataset) -> str:
