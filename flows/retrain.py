@@ -237,13 +237,14 @@ def _fmt(value: Any) -> str:
 def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str]) -> str:
     """The run's markdown artifact: stages, metrics table, model version and champion decision."""
     reg = results.get("registration") or {}
-    champion = "champion" in (reg.get("aliases") or [])
+    if outcomes.get("register") == "ran" and reg.get("decision") == "promoted":
+        standing = "**became champion**"
+    else:  # not promoted now, or registration skipped (unchanged): what the last registration recorded
+        standing = "**is champion**" if "champion" in (reg.get("aliases") or []) else "**not champion**"
     lines = ["# TinySSD retraining", ""]
     if reg:
         lines += [f"**Model** `{reg.get('model_name', '?')}` version **{reg.get('version', '?')}** "
-                  f"(`{reg.get('model_uri', '')}`): "
-                  + ("**became champion**" if champion and reg.get("decision") == "promoted" else
-                     "**is champion**" if champion else "**not champion**")
+                  f"(`{reg.get('model_uri', '')}`): {standing}"
                   + f" ({reg.get('decision', '?')}: {reg.get('reason', '')}); aliases: "
                   + (", ".join(reg.get("aliases") or []) or "none")
                   + f"; current champion: version {reg.get('champion_version')}", ""]

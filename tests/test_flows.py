@@ -22,8 +22,9 @@ from flows import retrain as rt
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDED_TOP = {".venv", "data", "models", "reports", "mlruns", "mlartifacts", "mlflow.db", ".git"}
-# Tiny but complete: 16 train / 8 val images, read at 64 px, one epoch of two batches.
-TINY = ["data.image_size=64", "train.epochs=1", "train.batch_size=8", "train.compile=false",
+# Tiny but complete: 16 train / 8 val images of 160 px (the generator's minimum is 150; validate wants
+# data.image_size to be the images' size), one epoch of two batches.
+TINY = ["data.image_size=160", "train.epochs=1", "train.batch_size=8", "train.compile=false",
         "evaluate.gallery_images=2"]
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def build_zips(folder: Path) -> dict[str, bytes]:
     from ssd.synthetic import generate_archive
 
     good = folder / "good.zip"
-    generate_archive(good, seed=0, train=16, val=8, image_size=160)  # 160: the generator's minimum is 150
+    generate_archive(good, seed=0, train=16, val=8, image_size=160)
     corrupt = folder / "corrupt.zip"
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(corrupt, "w") as dst:
         for info in src.infolist():
@@ -203,6 +204,20 @@ def test_stage_failure_names_stage_and_classifies_transient(tmp_path):
     with pytest.raises(rt.StageFailed, match=r"stage 'fetch' failed: .*nonexistent") as info:
         rt.run_stage("fetch", project, log=lambda line: None)
     assert not isinstance(info.value, rt.TransientStageFailure)
+
+
+@pytest.mark.parametrize("register, decision, aliases, standing", [
+    ("ran", "promoted", ["challenger", "champion"], "**became champion**"),
+    ("ran", "kept", ["challenger"], "**not champion**"),
+    ("skipped", "promoted", ["challenger", "champion"], "**is champion**"),  # promoted by an earlier run
+])
+def test_summary_names_version_and_champion_decision(register, decision, aliases, standing):
+    results = {"train": {"loss": 0.25, "epochs": 1}, "eval": {"map_50": 0.5, "note": "text is left out"},
+               "registration": {"model_name": "tinyssd", "version": 3, "aliases": aliases, "decision": decision}}
+    markdown = rt.summary_markdown(results, {"fetch": "skipped", "register": register}, ["train.epochs=1"])
+    assert "version **3**" in markdown and standing in markdown
+    assert "| reports/train.json | loss | 0.25 |" in markdown and "| reports/eval.json | map_50 | 0.5 |" in markdown
+    assert "note" not in markdown and f"| register | {register} |" in markdown and "`train.epochs=1`" in markdown
 
 
 def test_prefect_yaml_schedule_matches_code():
