@@ -115,7 +115,7 @@ def test_mlflow_models_serve_answers_rest_requests(champion, mlflow_server):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)  # a stateless scoring server: no need to wait for a graceful stop
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
