@@ -228,7 +228,7 @@ def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Pa
 
     cfg, data_cfg = params["evaluate"], params["data"]
     threshold, nms_threshold = float(cfg["threshold"]), float(cfg["nms_threshold"])
-    net = load_model(model_path)
+    net = load_model(model_path).to("cuda" if torch.cuda.is_available() else "cpu")
     dataset = load_dataset(data_root, "val", int(data_cfg["image_size"]), data_cfg["classes"])
     if len(dataset) == 0:
         raise ValueError(f"{dataset.split_dir}: the validation split is empty")
