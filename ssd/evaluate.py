@@ -92,7 +92,8 @@ def precision_recall(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tens
     """
     num_truth = sum(int((t[:, 0] >= 0).sum()) for t in targets)
     scores = torch.cat([p[:, 1] for p in preds]) if preds else torch.empty(0)
-    tp = torch.cat([match_detections(p, t) for p, t in zip(preds, targets)]) if preds else torch.empty(0, dtype=torch.bool)
+    tp = (torch.cat([match_detections(p, t) for p, t in zip(preds, targets)]) if preds
+          else torch.empty(0, dtype=torch.bool))
     curve = []
     for threshold in thresholds:
         kept = scores >= threshold

@@ -146,7 +146,8 @@ def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> s
         # MLflow nags about type hints on predict; the signature below is explicit instead.
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=ssd_pyfunc.__file__, artifacts={ssd_pyfunc.WEIGHTS_ARTIFACT: str(model_path)},
+            name=MODEL_ARTIFACT, python_model=ssd_pyfunc.__file__,
+            artifacts={ssd_pyfunc.WEIGHTS_ARTIFACT: str(model_path)},
             signature=ssd_pyfunc.signature(threshold), input_example=ssd_pyfunc.example_input(),
             model_config={"image_size": int(params["data"]["image_size"]), "threshold": threshold,
                           "nms_threshold": float(params["evaluate"]["nms_threshold"])},
@@ -200,16 +201,22 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     client = _client(uri)
     model_sha = file_sha256(model_path)
 
+    metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     version = find_version(client, name, run_id, model_sha)
     reused = version is not None
     if version is None:
         import mlflow
 
         model_uri = log_pyfunc(run_id, model_path, params)
-        tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        tags.update(dataset_info(data_dir, default_source=str(params.get("data", {}).get("source", "unknown"))))
-        tags.update({"git_commit": git_commit(), "run_id": run_id, "model_sha256": model_sha})
+        source = str(params.get("data", {}).get("source", "unknown"))
+        tags = {**metric_tags, **dataset_info(data_dir, default_source=source),
+                "git_commit": git_commit(), "run_id": run_id, "model_sha256": model_sha}
         version = mlflow.register_model(model_uri, name, tags=tags)
+    else:
+        # Same weights, maybe re-evaluated (other threshold): the tags follow the current eval.json.
+        for key, value in metric_tags.items():
+            if (version.tags or {}).get(key) != value:
+                client.set_model_version_tag(name, str(version.version), key, value)
     version_no = str(version.version)
     client.set_registered_model_alias(name, CHALLENGER, version_no)
 

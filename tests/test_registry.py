@@ -82,10 +82,13 @@ def test_register_and_promote_against_mlflow_server(mlflow_server, tmp_path, mon
     assert tags["val_map_50"] == "0.5" and tags["data_source"] == "auto"  # params data.source: no manifest here
     assert {"git_commit", "dataset_hash", "model_sha256", "run_id"} <= set(tags)
 
-    # Safe to run twice: same run, same weights -> the same version, nothing new registered.
+    # Safe to run twice: same run, same weights -> the same version, nothing new registered; a
+    # re-evaluation updates its metric tags.
+    first["eval_file"].write_text(json.dumps({"map_50": 0.5, "map": 0.2}))
     again = register(params, **first)
     assert (again["version"], again["reused_version"], again["aliases"]) == (1, True, ["challenger", "champion"])
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+    assert client.get_model_version(NAME, "1").tags["val_map"] == "0.2"
 
     worse = register(params, **_training_run(tmp_path / "b", mlflow_server, seed=1, map_50=0.3))
     assert (worse["version"], worse["decision"], worse["aliases"]) == (2, "kept", ["challenger"])
