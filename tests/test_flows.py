@@ -141,6 +141,21 @@ def task_runs(flow_run_id) -> dict:
     return {run.name.rsplit("-", 1)[0]: run for run in asyncio.run(read())}
 
 
+def log_lines(flow_run_id) -> list[str]:
+    """The flow run's log messages as stored by the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs travel in batches: send what is still queued
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return [log.message for log in asyncio.run(read())]
+
+
 def artifact(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
@@ -165,7 +180,7 @@ def trained(prefect_api, archive_server, tmp_path_factory):
     archive_server.fail["/good.zip"] = RETRIES + 1  # every attempt of the first `ssd fetch`
     archive_server.log.clear()
     started = time.monotonic()
-    state = run_flow(project_dir=str(project), overrides=TINY, source=archive_server.url("/good.zip"))
+    state = run_flow(project_dir=str(project), overrides=TINY, nproc=2, source=archive_server.url("/good.zip"))
     return {"project": project, "state": state, "log": list(archive_server.log), "seconds": time.monotonic() - started}
 
 
@@ -246,6 +261,13 @@ def test_flow_end_to_end_with_flaky_fetch(trained):
     assert set(runs) == set(rt.STAGES)
     assert runs["fetch"].run_count == 2 and runs["fetch"].state.is_completed()
     assert all(runs[s].run_count == 1 for s in rt.STAGES[1:])
+    # nproc=2 reached torchrun through train.nproc; the stage's output arrived in Prefect line by line.
+    assert result["train"]["world_size"] == 2
+    assert "--nproc-per-node 2" in (project / "dvc.lock").read_text()
+    logs = log_lines(state.state_details.flow_run_id)
+    assert "> torchrun --standalone --nproc-per-node 2 -m ssd train" in logs
+    assert {"> ssd fetch", "> ssd validate", "> ssd evaluate", "> ssd register"} <= set(logs)
+    assert any("examples/sec" in line and "\n" not in line for line in logs), logs[-20:]
     # The stages' outputs exist and dvc.lock is true: nothing left to reproduce.
     for path in ("models/model.pt", "reports/train.json", "reports/eval.json", "reports/registration.json"):
         assert (project / path).is_file(), path
