@@ -47,9 +47,26 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     device = select_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout, **_attempt_store(rank, world_size, timeout),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dict[str, Any]:
+    """Under torchrun, the group's store with a per-attempt key prefix.
+
+    torchrun keeps its store across ``--max-restarts`` restarts; without a fresh prefix a
+    restarted rank can read the previous attempt's (dead) peer addresses and fail to connect.
+    Elsewhere ``{}``: ``init_process_group`` reads MASTER_ADDR/MASTER_PORT itself.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
+    return {"store": dist.PrefixStore(f"ssd/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def destroy_distributed() -> None:
