@@ -326,11 +326,13 @@ def test_served_deployment_has_weekly_schedule_and_runs(trained, prefect_api):
         while True:
             try:
                 deployment = asyncio.run(read_deployment())
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"no deployment: {(project / 'serve.log').read_text()[-3000:]}")
-                time.sleep(1)
+                if deployment.work_pool_name is None:  # served from a process, not a pool's
+                    break
+            except Exception:  # not created yet (ObjectNotFound)
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no deployment: {(project / 'serve.log').read_text()[-3000:]}")
+            time.sleep(1)
         (schedule,) = deployment.schedules
         assert schedule.schedule.cron == rt.WEEKLY_CRON and schedule.schedule.timezone == rt.TIMEZONE
         assert schedule.active
@@ -347,3 +349,25 @@ def test_served_deployment_has_weekly_schedule_and_runs(trained, prefect_api):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_prefect_deploy_registers_work_pool_deployment(prefect_api, tmp_path):
+    """The README's cluster path: `prefect work-pool create` + `prefect deploy` with prefect.yaml.
+    (After the serve test: both write the deployment of the same name.)"""
+    from prefect.client.orchestration import get_client
+
+    project = make_project(tmp_path)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    prefect_cli = [sys.executable, "-m", "prefect"]
+    for command in (["work-pool", "create", "tinyssd-test", "--type", "process"],
+                    ["deploy", "--name", rt.DEPLOYMENT_NAME, "--pool", "tinyssd-test", "--no-prompt"]):
+        done = subprocess.run(prefect_cli + command, cwd=project, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name(f"{rt.FLOW_NAME}/{rt.DEPLOYMENT_NAME}")
+
+    deployment = asyncio.run(read())
+    assert deployment.work_pool_name == "tinyssd-test" and deployment.entrypoint == "flows/retrain.py:retrain"
+    assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [(rt.WEEKLY_CRON, rt.TIMEZONE)]
