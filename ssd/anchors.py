@@ -74,32 +74,50 @@ def _assign_batched(ground_truth: torch.Tensor, valid: torch.Tensor, anchors: to
     anchors_bbox_map = torch.full((batch_size, num_anchors), -1, dtype=torch.long, device=device)
     if num_boxes == 0:
         return anchors_bbox_map
-    # [A, B*M] -> [B, A, M]; padding columns get -1, the same value the greedy step uses
-    # for discarded pairs, so they are never picked while a real box is left.
-    jaccard = box_iou(anchors, ground_truth.reshape(-1, 4).to(anchors.dtype))
-    jaccard = jaccard.reshape(num_anchors, batch_size, num_boxes).permute(1, 0, 2)
-    jaccard = jaccard.masked_fill(~valid[:, None, :], -1.0).contiguous()
+    # [B*M, A] -> [B, M, A]: one row of IoUs per box. Padding rows get -1, the value the greedy
+    # step gives discarded pairs, so they are never picked while a real box is left.
+    jaccard = box_iou(ground_truth.reshape(-1, 4).to(anchors.dtype), anchors)
+    jaccard = jaccard.view(batch_size, num_boxes, num_anchors).masked_fill(~valid[..., None], -1.0)
 
-    # 1. Every anchor takes its best box if that IoU reaches the threshold.
-    max_ious, indices = torch.max(jaccard, dim=2)
+    # 1. Every anchor takes its best box if that IoU reaches the threshold (the first box on ties).
+    max_ious, indices = torch.max(jaccard, dim=1)
     anchors_bbox_map = torch.where(max_ious >= iou_threshold, indices, anchors_bbox_map)
 
-    # 2. Greedily, each box takes the anchor it overlaps most (largest IoU left in the
-    # matrix, first in row-major order on ties), whatever the threshold. Images with
-    # fewer boxes stop early: `active` masks them instead of a data-dependent branch.
+    # 2. Greedily, each box takes the anchor it overlaps most: the largest IoU left in the
+    # [anchor, box] matrix, first in row-major order on ties; then that anchor's row and that
+    # box's column are discarded. A box is taken after at most M - 1 anchors were discarded, so it
+    # takes one of its M best anchors (by IoU, then lowest index): the greedy runs on just those
+    # candidate rows, sorted by anchor index so row-major order is the book's.
+    candidates = _best_anchors(jaccard, min(num_boxes, num_anchors)).reshape(batch_size, -1)
+    candidates = candidates.sort(dim=1).values
+    sub = jaccard.gather(2, candidates[:, None, :].expand(-1, num_boxes, -1)).transpose(1, 2).contiguous()
+    flat = sub.view(batch_size, -1)
     num_real = valid.sum(dim=1)
     rows = torch.arange(batch_size, device=device)
-    flat = jaccard.view(batch_size, num_anchors * num_boxes)
     for step in range(num_boxes):
         max_idx = flat.argmax(dim=1)
         box_idx = max_idx % num_boxes
-        anc_idx = torch.div(max_idx, num_boxes, rounding_mode="floor")
+        anc_idx = candidates[rows, torch.div(max_idx, num_boxes, rounding_mode="floor")]
+        # Images with fewer boxes are done early: `active` masks them instead of a branch.
         active = step < num_real
         current = anchors_bbox_map[rows, anc_idx]
         anchors_bbox_map[rows, anc_idx] = torch.where(active, box_idx, current)
-        jaccard[rows, :, box_idx] = -1.0
-        jaccard[rows, anc_idx, :] = -1.0
+        sub[rows, :, box_idx] = -1.0
+        # An anchor can be a candidate of several boxes: discard every copy of its row.
+        sub.masked_fill_((candidates == anc_idx[:, None])[..., None], -1.0)
     return anchors_bbox_map
+
+
+def _best_anchors(jaccard: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``Tensor[B, M, k]`` of each box's k best anchors in ``jaccard Tensor[B, M, A]``,
+    by IoU and then by lowest anchor index on ties (exactly, unlike a plain ``topk``)."""
+    index = torch.arange(jaccard.shape[-1], device=jaccard.device)
+    if jaccard.dtype == torch.float32 and jaccard.shape[-1] < 2**31:
+        # IEEE bit patterns of non-negative floats order like the floats (and -1 sorts below them),
+        # so one int64 key holds the IoU in its high half and the reversed index in its low half.
+        key = (jaccard.view(torch.int32).to(torch.int64) << 32) | (2**31 - 1 - index)
+        return key.topk(k, dim=-1).indices
+    return torch.sort(jaccard, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def assign_anchor_to_bbox(ground_truth: torch.Tensor, anchors: torch.Tensor, device: torch.device,

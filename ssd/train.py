@@ -512,7 +512,7 @@ def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo)
                       f"bbox mae {metrics['bbox_mae']:.2e}, {metrics['examples_per_sec']:.1f} examples/sec",
                       file=sys.stderr, flush=True)
         final = {**history[-1], "epochs": epochs, "world_size": info.world_size, "device": str(device),
-                 "precision": precision,
+                 "compute_dtype": precision,  # not "precision": eval.json has that metric
                  "mean_examples_per_sec": sum(h["examples_per_sec"] for h in history) / len(history)}
         if main_proc:
             atomic_write_text(args.history_out, history_csv(history))

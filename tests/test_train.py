@@ -30,7 +30,7 @@ def test_train_outputs_then_resume_extends_the_same_run(tmp_path, monkeypatch, m
     net = load_model("models/model.pt")
     assert net.config.classes == ["banana"]
     metrics = json.loads((project / "reports/train.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["world_size"] == 1 and metrics["precision"] == "fp32"
+    assert metrics["epochs"] == 2 and metrics["world_size"] == 1 and metrics["compute_dtype"] == "fp32"
     assert 0 <= metrics["class_err"] <= 1 and metrics["bbox_mae"] >= 0 and metrics["examples_per_sec"] > 0
     rows = list(csv.DictReader((project / "reports/train_history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
