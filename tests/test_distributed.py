@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 
 import torch
@@ -14,13 +13,8 @@ import torch.multiprocessing as mp
 from ssd import distributed
 from ssd.model import TinySSD
 from ssd.train import forward_loss
+from servers import free_port
 from tiny_data import make_project, torchrun, train_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(n: int = 8, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +53,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 def test_ddp_gradients_match_single_process_on_the_same_global_batch(tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
 
     net = _model()
@@ -89,7 +83,7 @@ def test_torchrun_two_processes_train_end_to_end(tmp_path, mlflow_server):
 
 def test_two_nodes_rendezvous_and_train(tmp_path, mlflow_server):
     project = make_project(tmp_path / "p", epochs=1)
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     launches = [subprocess.Popen([torchrun(), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
                                   "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
                                   "-m", "ssd", "train"],

@@ -3,11 +3,7 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +17,8 @@ from ssd.params import load_params
 from ssd.predict import predict_files
 from ssd.pyfunc import OUTPUT_COLUMNS
 from ssd.registry import register
+
+from servers import free_port, http_server
 from ssd.tracking import write_run_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,34 +70,14 @@ def test_champion_loads_by_alias_and_predicts(champion, mlflow_server, monkeypat
     assert (result["width"], result["height"]) == (120, 60) and result["detections"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_rest_requests(champion, mlflow_server):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-    log = open(champion / "serve.log", "wb")
-    # Its own session, so the uvicorn worker it spawns is stopped with it.
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", URI,
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (champion / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not start"
-            time.sleep(1)
-
+    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", URI,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    # A stateless scoring server: no need to wait long for a graceful stop.
+    with http_server(command, base + "/ping", champion / "serve.log", env=env, timeout=180, stop_timeout=5):
         images = [_png(Image.new("RGBA", (100, 80), (200, 100, 50, 128))), _png(Image.new("L", (300, 200), 90))]
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in images]},
                 "params": {"threshold": 0.0}}
@@ -112,11 +90,3 @@ def test_mlflow_models_serve_answers_rest_requests(champion, mlflow_server):
         for p in predictions:
             width, height = (100, 80) if p["image"] == 0 else (300, 200)
             assert 0 <= p["xmin"] <= p["xmax"] <= width and 0 <= p["ymin"] <= p["ymax"] <= height
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)  # a stateless scoring server: no need to wait for a graceful stop
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
