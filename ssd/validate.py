@@ -28,8 +28,11 @@ REPORT, SAMPLES = "validation.json", "samples.png"
 COORDS = ("xmin", "ymin", "xmax", "ymax")
 
 
-def _decode_images(image_dir: Path, image_size: int, problems: list[str]) -> dict[str, tuple[int, int]]:
-    """Decode every file in ``image_dir``; returns ``{name: (width, height)}`` of the readable ones."""
+def _decode_images(image_dir: Path, image_size: int | None, problems: list[str]) -> dict[str, tuple[int, int]]:
+    """Decode every file in ``image_dir``; returns ``{name: (width, height)}`` of the readable ones.
+
+    With ``image_size`` None any size and mode pass (the reader converts to RGB and resizes).
+    """
     sizes = {}
     for path in sorted(p for p in image_dir.iterdir() if p.is_file()):
         try:
@@ -39,9 +42,9 @@ def _decode_images(image_dir: Path, image_size: int, problems: list[str]) -> dic
         except Exception as exc:  # PIL raises many types for bad data; every one is a refusal
             problems.append(f"{path}: cannot be decoded as an image ({type(exc).__name__}: {exc})")
             continue
-        if mode != "RGB":
+        if image_size is not None and mode != "RGB":
             problems.append(f"{path}: mode {mode}, expected RGB")
-        if size != (image_size, image_size):
+        if image_size is not None and size != (image_size, image_size):
             problems.append(f"{path}: size {size[0]}x{size[1]}, expected {image_size}x{image_size} (data.image_size)")
         sizes[path.name] = size
     return sizes
@@ -54,14 +57,14 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"min": round(float(a.min()), 4), "max": round(float(a.max()), 4), "mean": round(float(a.mean()), 4)}
 
 
-def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str]
-                ) -> tuple[dict[str, Any], dict[str, list[tuple[int, float, float, float, float]]]]:
+def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str],
+                strict: bool = True) -> tuple[dict[str, Any], dict[str, list[tuple[int, float, float, float, float]]]]:
     """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
     image_dir = split_dir / "images"
     if not image_dir.is_dir():
         problems.append(f"{image_dir}: images folder missing")
         return {}, {}
-    sizes = _decode_images(image_dir, image_size, problems)
+    sizes = _decode_images(image_dir, image_size if strict else None, problems)
     all_files = {p.name for p in image_dir.iterdir() if p.is_file()}
     try:
         labels_path = label_file(split_dir)
@@ -129,19 +132,23 @@ def check_split(split_dir: Path, image_size: int, classes: Sequence[str], proble
 
 
 def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str], n: int = 16,
-                columns: int = 4) -> Image.Image:
-    """The first ``n`` images of a split with their boxes and class names drawn on them."""
+                columns: int = 4, size: int = 256) -> Image.Image:
+    """The first ``n`` images of a split, each scaled to fit a ``size`` square, with their boxes
+    and class names drawn on them."""
     names = list(boxes)[:n]
     tiles = []
     for name in names:
         with Image.open(split_dir / "images" / name) as img:
             tile = img.convert("RGB")
+        scale = size / max(tile.size)
+        if scale != 1:
+            tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))))
         draw = ImageDraw.Draw(tile)
         for cls, x1, y1, x2, y2 in boxes[name]:
+            x1, y1, x2, y2 = (v * scale for v in (x1, y1, x2, y2))
             draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(0, 255, 255), width=2)
             draw.text((x1 + 2, max(0, y1 - 11)), classes[cls], fill=(0, 255, 255))
         tiles.append(tile)
-    size = max((t.width for t in tiles), default=64)
     rows = max(1, math.ceil(len(tiles) / columns))
     grid = Image.new("RGB", (columns * size, rows * size), (32, 32, 32))
     for i, tile in enumerate(tiles):
@@ -155,8 +162,13 @@ def dataset_root(path: str | Path) -> Path:
     return path / "banana-detection" if (path / "banana-detection").is_dir() else path
 
 
-def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",)) -> tuple[dict, Image.Image]:
-    """Check both splits; returns the report and the sample grid, or raises ``ValueError`` listing all problems."""
+def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",), strict: bool = True
+             ) -> tuple[dict, Image.Image]:
+    """Check both splits; returns the report and the sample grid, or raises ``ValueError`` listing all problems.
+
+    ``strict``: every image must be RGB and ``image_size`` square (the banana data are); otherwise any
+    size and mode pass, as photos come, and boxes are checked against each image's own size.
+    """
     root = dataset_root(root)
     classes = list(classes)
     problems: list[str] = []
@@ -168,7 +180,7 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
         except FileNotFoundError as exc:
             problems.append(str(exc))
             continue
-        report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems)
+        report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems, strict)
         if split == "train":
             grid = (split_dir, boxes)
     if problems:
@@ -177,11 +189,12 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
     return report, sample_grid(*grid, classes)
 
 
-def run_validation(root: str | Path, out: str | Path, image_size: int, classes: Sequence[str]) -> dict[str, Any]:
+def run_validation(root: str | Path, out: str | Path, image_size: int, classes: Sequence[str],
+                   strict: bool = True) -> dict[str, Any]:
     """Validate and write ``out/validation.json`` + ``out/samples.png`` (together, atomically)."""
     out = Path(out)
     try:
-        report, grid = validate(root, image_size, classes)
+        report, grid = validate(root, image_size, classes, strict)
     except ValueError:
         for name in (REPORT, SAMPLES):  # a stale "valid" report must not outlive invalid data
             (out / name).unlink(missing_ok=True)
@@ -205,7 +218,8 @@ def main(args: argparse.Namespace) -> int:
     from ssd.params import load_params
 
     data = load_params(args.params, args.set).get("data", {})
-    report = run_validation(args.data, args.out, int(data.get("image_size", 256)), data.get("classes", ["banana"]))
+    report = run_validation(args.data, args.out, int(data.get("image_size", 256)), data.get("classes", ["banana"]),
+                            bool(data.get("strict", True)))
     counts = ", ".join(f"{s}: {v['images']} images / {v['label_rows']} boxes" for s, v in report["splits"].items())
     print(f"{report['data']} is valid ({counts}); report in {Path(args.out) / REPORT}")
     return 0

@@ -128,6 +128,25 @@ def test_class_names_are_accepted(data, tmp_path):
     assert report["splits"]["train"]["classes"]["banana"] >= 1
 
 
+def test_photos_of_any_size_and_mode_pass_when_not_strict(data, tmp_path):
+    """data.strict: false: photos as they come (other sizes, RGBA, grey, palette, PNG named .jpg)
+    pass, and their boxes are still checked against each image's own size."""
+    labels = data / TRAIN / "label.csv"
+    name = labels.read_text().splitlines()[1].split(",")[0]
+    with Image.open(data / TRAIN / "images" / name) as img:
+        img.convert("RGBA").resize((640, 480)).save(data / TRAIN / "images" / name, format="PNG")
+    Image.open(data / VAL / "images" / "0.png").convert("P").save(data / VAL / "images" / "0.png")
+    edit_labels(labels, lambda ls: [ls[0], f"{name},0,600,400,640,480"] + ls[2:])
+    with pytest.raises(ValueError, match=r"size 640x480, expected 256x256"):
+        run_validation(data, tmp_path / "strict", 256, CLASSES)
+    report = run_validation(data, tmp_path / "reports", 256, CLASSES, strict=False)
+    assert report["problems"] == []
+    edit_labels(labels, lambda ls: [l.replace(f"{name},0,600,400,640,480", f"{name},0,600,400,641,480")
+                                    for l in ls])
+    with pytest.raises(ValueError, match=r"641"):  # past the 640-pixel-wide image's edge
+        run_validation(data, tmp_path / "reports", 256, CLASSES, strict=False)
+
+
 def test_cli_exits_nonzero_and_writes_nothing(data, tmp_path):
     _damage("grey image", data)
     _damage("duplicate row", data)
