@@ -168,7 +168,7 @@ def multibox_target(anchors: torch.Tensor, labels: torch.Tensor, iou_threshold: 
     anchors = anchors.reshape(-1, 4)
     if labels.shape[1] == 0:  # no label rows at all: one padding row keeps the gathers below in range
         labels = torch.full((labels.shape[0], 1, 5), -1.0, dtype=labels.dtype, device=labels.device)
-    batch_size, num_anchors = labels.shape[0], anchors.shape[0]
+    batch_size = labels.shape[0]
     valid = labels[..., 0] >= 0
     ground_truth = labels[..., 1:]
     if check:
