@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import math
-import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import yaml
 
 from .files import atomic_write_json
+from .tracking import git_commit, read_run_file
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
@@ -75,18 +75,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def git_commit(cwd: str | Path = ".") -> str:
-    """``HEAD``'s hash (with ``-dirty`` if tracked files changed), or ``unknown`` outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
 
 
 def dataset_info(data_dir: str | Path = "data/raw", lock_file: str | Path = "dvc.lock",
@@ -184,7 +172,6 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
              eval_file: str | Path = "reports/eval.json", run_file: str | Path = "models/mlflow_run.json",
              out: str | Path = "reports/registration.json", data_dir: str | Path = "data/raw") -> dict[str, Any]:
     """The whole stage (see the module docstring); returns what it writes to ``out``."""
-    from .tracking import read_run_file
 
     cfg = params["registry"]
     name, min_improvement = str(cfg["model_name"]), float(cfg["min_improvement"])
