@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import zipfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,28 @@ pytestmark = pytest.mark.slow
 # fixtures: Prefect's server, projects, datasets, an HTTP server
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    """Prefect's real local server (temporary database), started once for this module."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` process (temporary database), started once for this module.
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
+    Its services run as in production, the scheduler included; only its loop is shortened (2 s
+    instead of 60 s) so that a schedule falling due during a test gets its run in time."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from servers import free_port, http_server
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with http_server(command, api + "/health", home / "server.log", env=env, timeout=120):
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield api
+    # The scheduler's services must not have failed on any loop (Prefect 3.8.8 with SQLAlchemy 2.1 did).
+    errors = [line for line in (home / "server.log").read_text().splitlines() if "| ERROR" in line]
+    assert not [line for line in errors if "schedule" in line], errors
 
 
 @pytest.fixture(autouse=True)
@@ -304,70 +320,100 @@ def test_permanent_fetch_error_is_not_retried(prefect_api, archive_server, tmp_p
     assert task_runs(state.state_details.flow_run_id)["fetch"].run_count == 1
 
 
-def test_served_deployment_has_weekly_schedule_and_runs(trained, prefect_api):
-    """`python -m flows.retrain serve` (the README's command) in the trained project: the deployment
-    carries the cron schedule, and a run triggered through it completes (every stage up to date)."""
+# ----------------------------------------------------------------------------------------------
+# schedules: the server's own scheduler creates the runs (the tests never trigger them)
+
+def cron_due_soon(lead_s: float = 20.0) -> tuple[str, datetime]:
+    """A UTC cron that falls due once during the test: the first whole minute at least ``lead_s``
+    from now (time to register the deployment and for the scheduler to create its run)."""
+    due = (datetime.now(timezone.utc) + timedelta(seconds=lead_s, minutes=1)).replace(second=0, microsecond=0)
+    return f"{due.minute} {due.hour} * * *", due
+
+
+def deployment_runs(name: str) -> list:
+    """The flow runs of deployment ``flow/deployment`` (none while it does not exist yet)."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
-    project = trained["project"]
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    log = open(project / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.retrain", "serve"], cwd=project, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    name = f"{rt.FLOW_NAME}/{rt.DEPLOYMENT_NAME}"
-
-    async def read_deployment():
-        async with get_client() as client:
-            return await client.read_deployment_by_name(name)
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                deployment = asyncio.run(read_deployment())
-                if deployment.work_pool_name is None:  # served from a process, not a pool's
-                    break
-            except Exception:  # not created yet (ObjectNotFound)
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no deployment: {(project / 'serve.log').read_text()[-3000:]}")
-            time.sleep(1)
-        (schedule,) = deployment.schedules
-        assert schedule.schedule.cron == rt.WEEKLY_CRON and schedule.schedule.timezone == rt.TIMEZONE
-        assert schedule.active
-
-        flow_run = run_deployment(name, timeout=240, poll_interval=1)
-        assert flow_run.state.is_completed(), (flow_run.state, (project / "serve.log").read_text()[-3000:])
-        markdown = artifact(flow_run.id).data
-        assert all(f"| {stage} | skipped |" in markdown for stage in rt.STAGES), markdown
-        assert "version **1**" in markdown and "**is champion**" in markdown
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def test_prefect_deploy_registers_work_pool_deployment(prefect_api, tmp_path):
-    """The README's cluster path: `prefect work-pool create` + `prefect deploy` with prefect.yaml.
-    (After the serve test: both write the deployment of the same name.)"""
-    from prefect.client.orchestration import get_client
-
-    project = make_project(tmp_path)
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    prefect_cli = [sys.executable, "-m", "prefect"]
-    for command in (["work-pool", "create", "tinyssd-test", "--type", "process"],
-                    ["deploy", "--name", rt.DEPLOYMENT_NAME, "--pool", "tinyssd-test", "--no-prompt"]):
-        done = subprocess.run(prefect_cli + command, cwd=project, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
 
     async def read():
         async with get_client() as client:
-            return await client.read_deployment_by_name(f"{rt.FLOW_NAME}/{rt.DEPLOYMENT_NAME}")
+            try:
+                deployment = await client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                return []
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
 
-    deployment = asyncio.run(read())
-    assert deployment.work_pool_name == "tinyssd-test" and deployment.entrypoint == "flows/retrain.py:retrain"
-    assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [(rt.WEEKLY_CRON, rt.TIMEZONE)]
+    return asyncio.run(read())
+
+
+def wait_for_scheduled_run(name: str, due: datetime, proc: subprocess.Popen, log_path: Path, timeout: float):
+    """Wait until the run the scheduler created for ``due`` has finished; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [r for r in deployment_runs(name) if r.auto_scheduled and r.expected_start_time == due]
+        if runs and runs[0].state.is_final():
+            return runs[0]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            states = [(r.expected_start_time, r.state_name, r.auto_scheduled) for r in deployment_runs(name)]
+            raise AssertionError(f"no finished run due {due} for {name}: {states}\n{log_path.read_text()[-3000:]}")
+        time.sleep(2)
+
+
+def test_schedule_fires_served_deployment(prefect_api, archive_server, tmp_path):
+    """The README's `python -m flows.retrain serve` on a fresh project, with a cron that falls due
+    in a minute: the server's scheduler creates the run and serve executes it: a real retraining."""
+    from servers import process_group
+
+    project = make_project(tmp_path / "project")
+    cron, due = cron_due_soon()
+    command = [sys.executable, "-m", "flows.retrain", "serve", "--name", "daily-test", "--cron", cron,
+               "--source", archive_server.url("/good.zip")] + [a for item in TINY for a in ("-S", item)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log_path = tmp_path / "serve.log"
+    with process_group(command, log_path, env=env, cwd=project) as proc:
+        run = wait_for_scheduled_run(f"{rt.FLOW_NAME}/daily-test", due, proc, log_path, timeout=300)
+    assert run.state.is_completed(), (run.state, log_path.read_text()[-3000:])
+    markdown = artifact(run.id).data
+    assert all(f"| {stage} | ran |" in markdown for stage in rt.STAGES), markdown
+    assert "version **1**" in markdown and "**became champion**" in markdown
+    assert (project / "models" / "model.pt").is_file()
+
+
+def test_schedule_fires_on_process_worker(trained, prefect_api, tmp_path):
+    """The README's cluster path on a real server: `prefect work-pool create`, `prefect deploy` from
+    prefect.yaml and `prefect worker start`. The weekly schedule fills the deployment's upcoming runs
+    with Mondays 03:00 UTC; the same file with a cron due in a minute gets its run executed by the
+    worker (in the trained project, where every stage is up to date)."""
+    from servers import process_group
+
+    project = trained["project"]
+    name = f"{rt.FLOW_NAME}/{rt.DEPLOYMENT_NAME}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+
+    def prefect(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=project, env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    prefect("work-pool", "create", "tinyssd-test", "--type", "process")
+    prefect("deploy", "--name", rt.DEPLOYMENT_NAME, "--pool", "tinyssd-test", "--no-prompt")
+    deadline = time.monotonic() + 30
+    while not (upcoming := [r for r in deployment_runs(name) if r.auto_scheduled]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert upcoming, "the scheduler created no runs for the weekly deployment"
+    for run in upcoming:
+        start = run.expected_start_time.astimezone(timezone.utc)
+        assert (start.weekday(), start.hour, start.minute) == (0, 3, 0), start  # Mondays 03:00 UTC
+
+    cron, due = cron_due_soon()
+    config = project / "prefect.yaml"
+    config.write_text(config.read_text().replace(f'cron: "{rt.WEEKLY_CRON}"', f'cron: "{cron}"'))
+    prefect("deploy", "--name", rt.DEPLOYMENT_NAME, "--pool", "tinyssd-test", "--no-prompt")
+    log_path = tmp_path / "worker.log"
+    with process_group([sys.executable, "-m", "prefect", "worker", "start", "--pool", "tinyssd-test"], log_path,
+                       env=env, cwd=project) as proc:
+        run = wait_for_scheduled_run(name, due, proc, log_path, timeout=240)
+    assert run.state.is_completed(), (run.state, log_path.read_text()[-3000:])
+    markdown = artifact(run.id).data
+    assert "| train | skipped |" in markdown and "**is champion**" in markdown, markdown
