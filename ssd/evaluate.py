@@ -9,7 +9,8 @@ Metrics (``reports/eval.json``, DVC metrics):
 - ``precision``, ``recall``: at the seed's display threshold (``evaluate.threshold``); a detection
   is a true positive if its IoU with a not yet matched ground-truth box of its class is >= 0.5
   (detections taken in decreasing score);
-- ``class_err``, ``bbox_mae``: the seed's training metrics on the validation split.
+- ``class_err``, ``bbox_mae``: the seed's training metrics on the validation split;
+- ``provenance``: git commit and data hash/source (``ssd.tracking.provenance``), as on the run.
 
 Pictures: ``reports/pr_curve.csv`` (DVC plot of precision against recall over score thresholds),
 ``reports/pictures/pr_curve.png`` and ``reports/pictures/gallery.png`` (predictions above the
@@ -226,6 +227,7 @@ def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Pa
     """The whole stage: metrics, curve and pictures written under ``reports``, logged to MLflow."""
     from .data import load_dataset
     from .model import load_model
+    from .tracking import provenance
 
     cfg, data_cfg = params["evaluate"], params["data"]
     threshold, nms_threshold = float(cfg["threshold"]), float(cfg["nms_threshold"])
@@ -251,7 +253,8 @@ def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Pa
     gallery_fig = gallery_figure(dataset.images[:n], preds[:n], dataset.labels[:n], net.config.classes,
                                  threshold, dataset.names[:n])
     try:
-        paths = write_reports(Path(reports), metrics, curve, pr_fig, gallery_fig)
+        paths = write_reports(Path(reports), {**metrics, "provenance": provenance(data_root)}, curve, pr_fig,
+                              gallery_fig)
     finally:
         plt.close(pr_fig)
         plt.close(gallery_fig)

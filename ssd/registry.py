@@ -5,10 +5,11 @@
 
 ``register`` logs ``ssd.pyfunc.TinySSDModel`` (``model.pt`` inside as an artifact, with a signature
 and an input example) into the run named by ``models/mlflow_run.json``, registers it as a new
-version of ``registry.model_name`` tagged with its validation metrics, git commit, dataset hash and
-data source, and gives it the alias ``challenger``. ``champion`` moves to it only when
-:func:`decide_promotion` says so (no champion yet, or val mAP@0.5 better by at least
-``registry.min_improvement``). ``reports/registration.json`` records the outcome.
+version of ``registry.model_name`` tagged with its validation metrics and its training run's
+provenance (git commit, data hash and source: ``ssd.tracking.provenance``), and gives it the alias
+``challenger``. ``champion`` moves to it only when :func:`decide_promotion` says so (no champion
+yet, or val mAP@0.5 better by at least ``registry.min_improvement``). The version's description
+states its metrics and that decision; ``reports/registration.json`` records the outcome.
 
 Running it twice is safe: a version already registered from the same run with the same weights
 (tags ``run_id`` and ``model_sha256``) is reused rather than duplicated. MLflow's REST client
@@ -21,15 +22,12 @@ import argparse
 import hashlib
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .files import atomic_write_json
-from .tracking import git_commit, read_run_file
+from .tracking import PROVENANCE_KEYS, read_run_file
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
@@ -77,34 +75,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def dataset_info(data_dir: str | Path = "data/raw", lock_file: str | Path = "dvc.lock",
-                 default_source: str = "unknown") -> dict[str, str]:
-    """``dataset_hash`` (DVC's hash of ``data_dir`` in ``dvc.lock``, else the fetched archive's SHA-1
-    from ``data_dir/manifest.json``, else that manifest's SHA-256) and ``data_source`` (the
-    manifest's ``resolved_source``: d2l, synthetic, url or file; else ``default_source``)."""
-    data_dir = Path(data_dir)
-    manifest_path = data_dir / "manifest.json"
-    manifest: dict[str, Any] = {}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-    dataset_hash = "unknown"
-    if Path(lock_file).is_file():
-        stages = (yaml.safe_load(Path(lock_file).read_text()) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []) or []:
-                if Path(out.get("path", "")) == data_dir and out.get("md5"):
-                    dataset_hash = f"md5:{out['md5']}"
-    if dataset_hash == "unknown" and manifest.get("sha1"):
-        dataset_hash = f"sha1:{manifest['sha1']}"
-    if dataset_hash == "unknown" and manifest_path.is_file():
-        dataset_hash = f"sha256:{file_sha256(manifest_path)}"
-    source = manifest.get("resolved_source") or manifest.get("source") or default_source
-    return {"dataset_hash": dataset_hash, "data_source": str(source)}
-
-
 def _client(uri: str) -> Any:
     import mlflow
 
@@ -130,9 +100,7 @@ def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> s
     from . import pyfunc as ssd_pyfunc
 
     threshold = float(params["evaluate"]["threshold"])
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # MLflow nags about type hints on predict; the signature below is explicit instead.
-        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=ssd_pyfunc.__file__,
             artifacts={ssd_pyfunc.WEIGHTS_ARTIFACT: str(model_path)},
@@ -168,6 +136,15 @@ def champion_of(client: Any, name: str) -> Any | None:
         return None
 
 
+def version_description(metrics: dict[str, Any], decision: Decision) -> str:
+    """A version's description in the registry (markdown): its validation metrics and the champion decision."""
+    shown = ", ".join(f"{key} {float(metrics[key]):.4f}" for key in ("map_50", "map", "precision", "recall")
+                      if isinstance(metrics.get(key), (int, float)))
+    at = f" (precision and recall at score >= {metrics['threshold']:g})" if "threshold" in metrics else ""
+    return (f"**Validation** (reports/eval.json): {shown or 'no metrics'}{at}\n\n"
+            f"**Champion decision**: {decision.label}: {decision.reason}")
+
+
 def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
              eval_file: str | Path = "reports/eval.json", run_file: str | Path = "models/mlflow_run.json",
              out: str | Path = "reports/registration.json", data_dir: str | Path = "data/raw") -> dict[str, Any]:
@@ -189,19 +166,19 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     model_sha = file_sha256(model_path)
 
     metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    run_tags = client.get_run(run_id).data.tags  # the version's provenance is its training run's
+    origin = {key: run_tags.get(key, "unknown") for key in PROVENANCE_KEYS}
     version = find_version(client, name, run_id, model_sha)
     reused = version is not None
     if version is None:
         import mlflow
 
         model_uri = log_pyfunc(run_id, model_path, params)
-        source = str(params.get("data", {}).get("source", "unknown"))
-        tags = {**metric_tags, **dataset_info(data_dir, default_source=source),
-                "git_commit": git_commit(), "run_id": run_id, "model_sha256": model_sha}
+        tags = {**metric_tags, **origin, "run_id": run_id, "model_sha256": model_sha}
         version = mlflow.register_model(model_uri, name, tags=tags)
     else:
         # Same weights, maybe re-evaluated (other threshold): the tags follow the current eval.json.
-        for key, value in metric_tags.items():
+        for key, value in {**metric_tags, **origin}.items():
             if (version.tags or {}).get(key) != value:
                 client.set_model_version_tag(name, str(version.version), key, value)
     version_no = str(version.version)
@@ -218,12 +195,14 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version_no)
             client.set_model_version_tag(name, version_no, "champion_reason", decision.reason)
+    client.update_model_version(name, version_no, description=version_description(metrics, decision))
     champion = champion_of(client, name)
     aliases = sorted(client.get_model_version(name, version_no).aliases or [])
     record = {"model_name": name, "version": int(version_no), "model_uri": f"models:/{name}/{version_no}",
               "aliases": aliases, "decision": decision.label, "reason": decision.reason,
               "champion_version": int(champion.version) if champion is not None else None,
-              f"val_{METRIC}": candidate, "run_id": run_id, "tracking_uri": uri, "reused_version": reused}
+              f"val_{METRIC}": candidate, "run_id": run_id, "tracking_uri": uri, "reused_version": reused,
+              "provenance": origin}
     atomic_write_json(out, record)
     return record
 

@@ -7,6 +7,7 @@ and log into the same run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import urllib.error
@@ -57,7 +58,7 @@ def read_run_file(path: str | Path = RUN_FILE) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# What a run records about where it came from (used by training; evaluation may reuse it).
+# What runs, model versions and reports record about where they came from.
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 0.2}}`` -> ``{"train.lr": "0.2"}``; lists stay one value (``"[1, 2, 0.5]"``)."""
@@ -71,51 +72,161 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def git_commit(cwd: str | Path = ".") -> str:
-    """The checked-out commit (``+dirty`` when tracked files differ), or ``unknown`` outside git."""
+PROVENANCE_KEYS = ("git_commit", "git_dirty", "data_hash", "data_source", "data_synthetic_fallback")
+_MD5_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def data_folder(dataset_root: str | Path) -> Path:
+    """The folder that identifies a dataset: ``data/raw`` (the fetch stage's output, as DVC tracks
+    it, ``manifest.json`` included) for ``data/raw/banana-detection``, else the dataset root itself."""
+    root = Path(dataset_root)
+    return root.parent if (root.parent / "manifest.json").is_file() else root
+
+
+def _file_md5(path: Path) -> str:
+    stat = path.stat()  # keyed like DVC's state db: a file seen unchanged is not read again
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MD5_CACHE:
+        digest = hashlib.md5()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _MD5_CACHE[key] = digest.hexdigest()
+    return _MD5_CACHE[key]
+
+
+def dvc_md5(directory: str | Path) -> dict[str, str]:
+    """DVC's md5 of ``directory`` and of every folder in it, keyed by POSIX path relative to it
+    (``"."`` for itself): ``<md5>.dir``, what ``dvc add`` and ``dvc.lock`` record (DVC 3). Empty if
+    ``directory`` does not exist."""
+    directory = Path(directory)
+    files = sorted((p.relative_to(directory).as_posix(), _file_md5(p))
+                   for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []
+    listings: dict[str, list[dict[str, str]]] = {}
+    for rel, md5 in files:  # sorted by path, so every folder's listing is too, as DVC sorts it
+        for parent in Path(rel).parents:
+            folder = parent.as_posix()
+            listings.setdefault(folder, []).append(
+                {"md5": md5, "relpath": rel if folder == "." else rel[len(folder) + 1:]})
+    return {folder: hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+            for folder, listing in listings.items()}
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def data_source(manifest: dict[str, Any], folder: Path) -> str:
+    """Where the data came from: the archive's URL or path from ``ssd fetch``'s manifest,
+    ``synthetic:seed=N`` for generated bananas, else the folder it was read from."""
+    if manifest.get("resolved_source") == "synthetic":
+        return f"synthetic:seed={(manifest.get('synthetic') or {}).get('seed', 'unknown')}"
+    return str(manifest.get("url") or manifest.get("path") or folder.resolve())
+
+
+def _git(cwd: str | Path, *args: str) -> str | None:
     import subprocess
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
+        return None
 
 
-def dataset_tags(raw_dir: str | Path = "data/raw", dvc_lock: str | Path = "dvc.lock") -> dict[str, str]:
-    """``data_hash`` (DVC's md5 of ``raw_dir`` from dvc.lock, else the archive SHA-1 in the
-    manifest) and ``data_source`` (``d2l``, ``synthetic``, ... from ``raw_dir/manifest.json``)."""
+def _pipeline_outputs(cwd: str | Path) -> list[str]:
+    """``dvc.lock`` and every ``outs``/``metrics``/``plots`` path of ``dvc.yaml``'s stages: files the
+    pipeline itself writes, some of them committed to git."""
     import yaml
 
-    raw_dir = Path(raw_dir)
-    tags = {"data_hash": "unknown", "data_source": "unknown"}
-    manifest_path = raw_dir / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            tags["data_source"] = str(manifest.get("resolved_source", "unknown"))
-            if manifest.get("synthetic_fallback"):
-                tags["data_synthetic_fallback"] = "true"
-            if manifest.get("sha1"):
-                tags["data_hash"] = f"sha1:{manifest['sha1']}"
-        except (OSError, ValueError):
-            pass
-    if Path(dvc_lock).is_file():
-        try:
-            lock = yaml.safe_load(Path(dvc_lock).read_text()) or {}
-            for out in (lock.get("stages", {}).get("fetch", {}) or {}).get("outs", []) or []:
-                if Path(out.get("path", "")) == raw_dir and out.get("md5"):
-                    tags["data_hash"] = f"dvc-md5:{out['md5']}"
-        except (OSError, ValueError, AttributeError):
-            pass
-    return tags
+    try:
+        stages = (yaml.safe_load((Path(cwd) / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        stages = {}
+    return ["dvc.lock"] + [str(next(iter(entry)) if isinstance(entry, dict) else entry)
+                           for stage in stages.values() if isinstance(stage, dict)
+                           for key in ("outs", "metrics", "plots") for entry in stage.get(key) or []]
 
 
-def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None) -> tuple[Any, bool]:
-    """Make ``run_id``'s run active again when the store has it, else start a new run in ``experiment``.
+def provenance(dataset_root: str | Path, cwd: str | Path = ".") -> dict[str, str]:
+    """Where a run, a model version or a report came from; the same keys (``PROVENANCE_KEYS``),
+    all strings, on run tags, version tags and in the reports' ``provenance`` block:
+
+    - ``git_commit``: the checked-out commit (``unknown`` outside git);
+    - ``git_dirty``: ``true`` when tracked files differ from it, the pipeline's own outputs aside
+      (``dvc.lock`` and the reports, rewritten as each stage of ``dvc repro`` finishes), else
+      ``false`` (``unknown`` outside git);
+    - ``data_hash``: ``dvc-md5:<md5>.dir``, DVC's hash of :func:`data_folder`, computed from the
+      files on disk (equal to ``dvc.lock``'s when that is up to date), ``unknown`` without data;
+    - ``data_source``: :func:`data_source`;
+    - ``data_synthetic_fallback``: ``true`` when ``ssd fetch --source auto`` generated bananas
+      because the network was unreachable, else ``false``.
+    """
+    folder = data_folder(dataset_root)
+    manifest = _manifest(folder)
+    commit = _git(cwd, "rev-parse", "HEAD")
+    dirty = _git(cwd, "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                 *(f":(exclude){path}" for path in _pipeline_outputs(cwd)))
+    data_hash = dvc_md5(folder).get(".")
+    return {"git_commit": commit or "unknown",
+            "git_dirty": "unknown" if commit is None or dirty is None else str(bool(dirty)).lower(),
+            "data_hash": f"dvc-md5:{data_hash}" if data_hash else "unknown",
+            "data_source": data_source(manifest, folder),
+            "data_synthetic_fallback": str(bool(manifest.get("synthetic_fallback"))).lower()}
+
+
+def run_name(commit: str, now: Any = None) -> str:
+    """``train-[<DVC experiment>-]<short commit>-<UTC time>``, e.g. ``train-a57f6e5-20250101T120000Z``;
+    ``dvc exp run`` names its experiment in ``DVC_EXP_NAME``."""
+    from datetime import datetime, timezone
+
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return "-".join(["train", *([experiment] if experiment else []), commit[:7], stamp])
+
+
+def log_dataset_inputs(dataset_root: str | Path) -> None:
+    """Log the training and validation splits as the active run's dataset inputs (contexts
+    ``training`` and ``validation``): name = the split's folder, digest = DVC's md5 of that folder,
+    source = :func:`data_source` (HTTP URL, local path, or code for generated data)."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from .data import find_split
+
+    folder = data_folder(dataset_root)
+    manifest = _manifest(folder)
+    source_text = data_source(manifest, folder)
+    if source_text.startswith(("http://", "https://")):
+        source = HTTPDatasetSource(source_text)
+    elif source_text.startswith("synthetic:"):
+        settings = {k: str(v) for k, v in (manifest.get("synthetic") or {}).items()}
+        source = CodeDatasetSource({"generator": "ssd.synthetic", **settings})
+    else:
+        source = LocalArtifactDatasetSource(source_text)
+    hashes = dvc_md5(folder)
+    datasets, contexts = [], []
+    for context, split in (("training", "train"), ("validation", "val")):
+        try:
+            split_dir = find_split(dataset_root, split).resolve()
+        except FileNotFoundError:
+            continue
+        digest = hashes[split_dir.relative_to(folder.resolve()).as_posix()]
+        datasets.append(MetaDataset(source, name=split_dir.name, digest=digest))
+        contexts.append(context)
+    mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
+
+
+def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
+                        run_name: str | None = None) -> tuple[Any, bool]:
+    """Make ``run_id``'s run active again (its name unchanged) when the store has it, else start a
+    new run named ``run_name`` in ``experiment``.
 
     Returns ``(active mlflow run, resumed)``. The caller ends it (``mlflow.end_run``).
     """
@@ -132,4 +243,4 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None) ->
 
             warnings.warn(f"MLflow run {run_id} is not in {uri}; starting a new run", stacklevel=2)
     mlflow.set_experiment(experiment)
-    return mlflow.start_run(), False
+    return mlflow.start_run(run_name=run_name), False

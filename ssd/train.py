@@ -328,19 +328,20 @@ class Tracker:
         self.active = active
         self.run_id = ""
 
-    def start(self, *, uri: str, experiment: str, run_id: str | None, params: dict[str, Any],
-              tags: dict[str, str], run_file: Path) -> None:
+    def start(self, *, uri: str, experiment: str, run_id: str | None, run_name: str, params: dict[str, Any],
+              tags: dict[str, str], data: Path, run_file: Path) -> None:
         if not self.active:
             return
         import mlflow
 
-        from .tracking import flatten_params, start_or_resume_run, write_run_file
+        from .tracking import flatten_params, log_dataset_inputs, start_or_resume_run, write_run_file
 
-        run, resumed = start_or_resume_run(uri, experiment, run_id)
+        run, resumed = start_or_resume_run(uri, experiment, run_id, run_name)
         self.run_id = run.info.run_id
         if not resumed:  # params are immutable in MLflow; a resumed run already has them
             mlflow.log_params(flatten_params(params))
         mlflow.set_tags(tags)
+        log_dataset_inputs(data)  # the same name and digest again on a resume: MLflow keeps one
         write_run_file(self.run_id, uri, run_file, experiment=experiment)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None:
@@ -418,7 +419,7 @@ def _settings(params: dict[str, Any], world_size: int) -> dict[str, Any]:
 
 def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo) -> dict[str, Any]:
     """The whole stage; returns the final metrics (on every rank)."""
-    from .tracking import dataset_tags, ensure_reachable, git_commit, read_run_file, tracking_uri
+    from .tracking import ensure_reachable, provenance, read_run_file, run_name, tracking_uri
 
     settings = _settings(params, info.world_size)
     fault = parse_fault(os.environ.get("SSD_FAULT"))
@@ -477,11 +478,13 @@ def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo)
 
     epochs = int(settings["epochs"])
     tracker = Tracker(main_proc)
-    tags = {"git_commit": git_commit(), "device": str(device), "device_name": _device_name(device),
+    origin = provenance(args.data) if main_proc else {}  # hashes the data: rank 0 only
+    tags = {**origin, "device": str(device), "device_name": _device_name(device),
             "world_size": str(info.world_size), "nnodes": os.environ.get("GROUP_WORLD_SIZE", "1"),
-            "precision": precision, "train.epochs": str(epochs), **dataset_tags(Path(args.data).parent)}
-    tracker.start(uri=uri, experiment=args.experiment, run_id=run_id, params=params, tags=tags,
-                  run_file=args.run_file)
+            "precision": precision, "train.epochs": str(epochs)}
+    tracker.start(uri=uri, experiment=args.experiment, run_id=run_id,
+                  run_name=run_name(origin.get("git_commit", "unknown")), params=params, tags=tags,
+                  data=args.data, run_file=args.run_file)
 
     net: nn.Module = model
     if settings.get("compile"):
@@ -518,7 +521,7 @@ def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo)
             atomic_save_figure(curve_figure(history, epochs), args.curve_out, dpi=100)
             tracker.log_artifact(args.curve_out)
             save_model(model, args.model_out, params=params, history=history, mlflow_run_id=tracker.run_id)
-            atomic_write_json(args.metrics_out, final)
+            atomic_write_json(args.metrics_out, {**final, "provenance": origin})
             print(f"class err {final['class_err']:.2e}, bbox mae {final['bbox_mae']:.2e}\n"
                   f"{final['examples_per_sec']:.1f} examples/sec on {device} x {info.world_size} ({precision})")
     except BaseException:

@@ -12,7 +12,7 @@ from ssd.cli import main as cli_main
 from ssd.evaluate import detection_metrics, evaluate, match_detections, precision_recall
 from ssd.model import TinySSD, save_model
 from ssd.params import load_params
-from ssd.tracking import write_run_file
+from ssd.tracking import PROVENANCE_KEYS, write_run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,6 +125,7 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(stage_inpu
     metrics = evaluate(params, stage_inputs / "model.pt", stage_inputs / "data", reports, run_file)
 
     saved = json.loads((reports / "eval.json").read_text())
+    assert set(saved.pop("provenance")) == set(PROVENANCE_KEYS)  # ssd.tracking.provenance, tested there
     assert saved == pytest.approx(metrics)
     for key in ("map_50", "map", "precision", "recall", "class_err", "bbox_mae"):
         assert 0.0 <= saved[key] <= 1.0, key

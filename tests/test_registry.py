@@ -8,8 +8,8 @@ import torch
 from ssd.cli import main as cli_main
 from ssd.model import TinySSD, save_model
 from ssd.params import load_params
-from ssd.registry import dataset_info, decide_promotion, register
-from ssd.tracking import write_run_file
+from ssd.registry import decide_promotion, register
+from ssd.tracking import PROVENANCE_KEYS, write_run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tinyssd-registry-test"
@@ -41,16 +41,6 @@ class TestDecidePromotion:
         assert not decide_promotion(0.9, None, 0.0, has_champion=True).promote
 
 
-def test_dataset_info_prefers_dvc_lock(tmp_path):
-    data = tmp_path / "data" / "raw"
-    data.mkdir(parents=True)
-    (data / "manifest.json").write_text(json.dumps({"resolved_source": "synthetic"}))
-    lock = tmp_path / "dvc.lock"
-    assert dataset_info(data, lock)["dataset_hash"].startswith("sha256:")
-    lock.write_text(f"schema: '2.0'\nstages:\n  fetch:\n    outs:\n    - path: {data}\n      md5: abc.dir\n")
-    assert dataset_info(data, lock) == {"dataset_hash": "md5:abc.dir", "data_source": "synthetic"}
-
-
 def _training_run(tmp: Path, uri: str, seed: int, map_50: float) -> dict:
     """What the train and evaluate stages leave behind: model.pt, the run file and eval.json."""
     import mlflow
@@ -59,7 +49,7 @@ def _training_run(tmp: Path, uri: str, seed: int, map_50: float) -> dict:
     torch.manual_seed(seed)
     save_model(TinySSD(1), tmp / "model.pt")
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(tags={key: f"{key}-{seed}" for key in PROVENANCE_KEYS}) as run:  # as training tags it
         pass
     write_run_file(run.info.run_id, uri, tmp / "mlflow_run.json")
     (tmp / "eval.json").write_text(json.dumps({"map_50": map_50, "map": map_50 / 2, "precision": 0.5}))
@@ -78,9 +68,14 @@ def test_register_and_promote_against_mlflow_server(mlflow_server, tmp_path, mon
     rec = register(params, **first)
     assert (rec["version"], rec["decision"], rec["aliases"]) == (1, "promoted", ["challenger", "champion"])
     assert json.loads(first["out"].read_text()) == rec
-    tags = client.get_model_version(NAME, "1").tags
-    assert tags["val_map_50"] == "0.5" and tags["data_source"] == "auto"  # params data.source: no manifest here
-    assert {"git_commit", "dataset_hash", "model_sha256", "run_id"} <= set(tags)
+    version = client.get_model_version(NAME, "1")
+    assert version.tags["val_map_50"] == "0.5" and {"model_sha256", "run_id"} <= set(version.tags)
+    # The version's provenance is its training run's, in its tags and in the record.
+    provenance = {key: f"{key}-0" for key in PROVENANCE_KEYS}
+    assert {key: version.tags[key] for key in PROVENANCE_KEYS} == rec["provenance"] == provenance
+    assert version.description == ("**Validation** (reports/eval.json): map_50 0.5000, map 0.2500, precision 0.5000"
+                                   "\n\n**Champion decision**: promoted: no champion yet: candidate map_50=0.5000 "
+                                   "becomes champion")
 
     # Safe to run twice: same run, same weights -> the same version, nothing new registered; a
     # re-evaluation updates its metric tags.
@@ -92,6 +87,7 @@ def test_register_and_promote_against_mlflow_server(mlflow_server, tmp_path, mon
 
     worse = register(params, **_training_run(tmp_path / "b", mlflow_server, seed=1, map_50=0.3))
     assert (worse["version"], worse["decision"], worse["aliases"]) == (2, "kept", ["challenger"])
+    assert "**Champion decision**: kept: map_50 0.3000 does not beat" in client.get_model_version(NAME, "2").description
     assert client.get_model_version_by_alias(NAME, "champion").version == "1"
 
     better = register(params, **_training_run(tmp_path / "c", mlflow_server, seed=2, map_50=0.7))

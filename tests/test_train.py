@@ -42,6 +42,7 @@ def test_train_outputs_then_resume_extends_the_same_run(tmp_path, monkeypatch, m
     assert {"torch", "numpy", "python"} <= set(ckpt["rng"]) and "optimizer" in ckpt
     run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
     assert ckpt["mlflow_run_id"] == run_id
+    first_name = mlflow.MlflowClient(mlflow_server).get_run(run_id).info.run_name
     # The final model is the last checkpoint's weights.
     for key, value in _state("models/model.pt").items():
         assert torch.equal(value, ckpt["model"][key]), key
@@ -51,14 +52,22 @@ def test_train_outputs_then_resume_extends_the_same_run(tmp_path, monkeypatch, m
     rows = list(csv.DictReader((project / "reports/train_history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert json.loads((project / "models/mlflow_run.json").read_text())["run_id"] == run_id
-    history = mlflow.MlflowClient(mlflow_server).get_metric_history(run_id, "class_err")
+    client = mlflow.MlflowClient(mlflow_server)
+    history = client.get_metric_history(run_id, "class_err")
     assert sorted(m.step for m in history) == [1, 2, 3]
+    run = client.get_run(run_id)  # the resumed run keeps its name, and its inputs are not logged twice
+    assert run.info.run_name.startswith("train-") and run.info.run_name == first_name
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["bananas_train", "bananas_val"]
 
     # Different params: the checkpoints are not reused, a new run starts.
     with pytest.warns(UserWarning, match="different params; starting fresh"):
         assert cli_main(["train", "-S", "train.epochs=1", "-S", "train.lr=0.1"]) == 0
-    assert json.loads((project / "models/mlflow_run.json").read_text())["run_id"] != run_id
+    new_run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert new_run_id != run_id
     assert len(list(csv.DictReader((project / "reports/train_history.csv").open()))) == 1
+    # Two trainings, two names (the seeded RNG once gave every run the same generated name).
+    new_name = client.get_run(new_run_id).info.run_name
+    assert new_name.startswith("train-") and new_name != first_name
 
 
 def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run(tmp_path, mlflow_server):
