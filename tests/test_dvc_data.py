@@ -4,53 +4,25 @@ default local remote restore identical files in a second clone."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from archive_helpers import closed_port_url, tree_hash
+from project_copy import copy_project, git_init, project_env, sh
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def sh(*cmd: str, cwd: Path, env: dict) -> str:
-    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout}\n{run.stderr}"
-    return run.stdout + run.stderr
-
-
-def copy_working_tree(dest: Path) -> None:
-    """Tracked and untracked-but-not-ignored files of this checkout, so uncommitted work is tested too."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        src = REPO / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
 
 
 def test_repro_offline_then_push_pull_roundtrip(tmp_path):
     repo, clone = tmp_path / "repo", tmp_path / "clone"
-    repo.mkdir()
-    copy_working_tree(repo)
+    copy_project(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="auto", url=closed_port_url())  # an unreachable "real" URL: offline
     params["data"]["synthetic"].update(train=16, val=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1",
-           "DVC_SITE_CACHE_DIR": str(tmp_path / "site-cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    sh("git", "init", "-q", cwd=repo, env=env)
-    sh("git", "add", "-A", cwd=repo, env=env)
-    sh("git", "commit", "-q", "-m", "copy", cwd=repo, env=env)
+    env = project_env(repo, tmp_path)
+    git_init(repo, env)
 
     log = sh("dvc", "repro", "validate", cwd=repo, env=env)
     assert "SYNTHETIC" in log
