@@ -5,8 +5,12 @@
 
 Each task runs ``dvc repro --single-item <stage>`` in the project directory, so the flow executes
 exactly the commands of ``dvc.yaml``: an unchanged stage is skipped, ``dvc.lock`` stays true, and no
-stage logic lives here. The stage's stdout and stderr are streamed into the task's Prefect log line
-by line; a stage that fails raises ``StageFailed`` naming the stage and the last lines of its stderr.
+stage logic lives here. The fetch task runs ``dvc repro fetch``: fetch together with the always-run
+``source`` stage before it, which rewrites the source's fingerprint only when the data changed
+upstream, so fetch (and what depends on the data) reruns exactly then. The run summary says whether
+the data was fetched again and why (``ssd.fetch.fetch_reason``). The stage's stdout and stderr are
+streamed into the task's Prefect log line by line; a stage that fails raises ``StageFailed`` naming
+the stage and the last lines of its stderr.
 
 Parameters work like ``dvc exp run -S key=value``: the overrides are written into ``params.yaml``
 (atomically, comments kept) before the stages run, so the workspace, ``dvc.lock`` and the model
@@ -38,11 +42,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
+from ssd.fetch import FINGERPRINT_FILE, fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.files import atomic_write_text
 from ssd.params import apply_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("fetch", "validate", "train", "evaluate", "register")
+# Stages reproduced together with their upstream stages: fetch's only one is `source`, the always-run
+# fingerprint of the data source, which must run right before it and inside the same retried task.
+WITH_UPSTREAM = {"fetch"}
+RAW_DIR = "data/raw"               # the fetch stage's output (dvc.yaml)
 FLOW_NAME = "tinyssd-retrain"
 DEPLOYMENT_NAME = "weekly-retrain"
 WEEKLY_CRON = "0 3 * * 1"          # Mondays 03:00
@@ -88,12 +97,15 @@ def _pump(stream: io.TextIOBase, name: str, lines: queue.Queue) -> None:
 
 
 def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = print) -> str:
-    """Run ``dvc repro --single-item stage`` in ``project_dir``, passing each output line to ``log``.
+    """Run ``dvc repro --single-item stage`` (``dvc repro stage`` for ``WITH_UPSTREAM``) in
+    ``project_dir``, passing each output line to ``log``.
 
-    Returns ``"ran"``, ``"skipped"`` (unchanged) or ``"restored"`` (from DVC's run cache). Raises
-    ``TransientStageFailure`` or ``StageFailed`` with the last lines of stderr when it exits non-zero.
+    Returns what happened to ``stage`` itself: ``"ran"``, ``"skipped"`` (unchanged) or ``"restored"``
+    (from DVC's run cache). Raises ``TransientStageFailure`` or ``StageFailed`` with the last lines
+    of stderr when it exits non-zero.
     """
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    single = () if stage in WITH_UPSTREAM else ("--single-item",)
+    command = [sys.executable, "-m", "dvc", "repro", *single, stage]
     proc = subprocess.Popen(command, cwd=project_dir, env=stage_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1)
     # Two reader threads feed one queue so neither pipe can fill up and block the stage; logging
@@ -111,9 +123,9 @@ def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = 
         log(line)
         if line.strip():
             tails[name].append(line)
-        if "didn't change, skipping" in line:
+        if f"'{stage}' didn't change, skipping" in line:
             outcome = "skipped"
-        elif "is cached - skipping run" in line:
+        elif f"'{stage}' is cached - skipping run" in line:
             outcome = "restored"
     if proc.wait() != 0:
         tail = "\n".join(tails["stderr"] or tails["stdout"]) or f"exit status {proc.returncode}"
@@ -137,7 +149,7 @@ def _stage(stage: str, project_dir: str) -> str:
 @task(name="fetch", retries=FETCH_RETRIES, retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S),
       retry_jitter_factor=0.2, retry_condition_fn=_retry_transient)
 def fetch(project_dir: str) -> str:
-    """Download (or generate) the dataset."""
+    """Check the source's fingerprint; download (or generate) the dataset when it changed."""
     return _stage("fetch", project_dir)
 
 
@@ -234,20 +246,42 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str]) -> str:
-    """The run's markdown artifact: stages, metrics table, model version and champion decision."""
+def _gate_line(gate: dict[str, Any] | None) -> str | None:
+    """The champion comparison of a registration record, both figures on the same validation split."""
+    if not gate:
+        return None
+    digest = str(gate.get("val_digest", "?"))
+    line = (f"**Champion gate** on validation split `{digest[:19]}…`: candidate map_50 "
+            f"{_fmt(gate.get('candidate_map_50'))} vs champion version {gate.get('champion_version')} "
+            f"{_fmt(gate.get('champion_map_50'))}")
+    stored, stored_digest = gate.get("champion_stored_map_50"), gate.get("champion_stored_val_digest")
+    if gate.get("rescored"):
+        return line + (f", re-scored on this split (its stored map_50 {_fmt(stored)} was computed on "
+                       + (f"`{str(stored_digest)[:19]}…`)" if stored_digest else "an unrecorded split)"))
+    return line + " (its stored map_50, computed on this same split)"
+
+
+def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
+                     data: dict[str, Any] | None = None) -> str:
+    """The run's markdown artifact: whether the data was fetched again and why (``data``, from
+    ``ssd.fetch.fetch_reason``), stages, metrics table, model version and champion decision."""
     reg = results.get("registration") or {}
     if outcomes.get("register") == "ran" and reg.get("decision") == "promoted":
         standing = "**became champion**"
     else:  # not promoted now, or registration skipped (unchanged): what the last registration recorded
         standing = "**is champion**" if "champion" in (reg.get("aliases") or []) else "**not champion**"
     lines = ["# TinySSD retraining", ""]
+    if data:
+        fetched = "fetched again" if data.get("fetched") else "not fetched again"
+        lines += [f"**Data** {fetched}: {data.get('reason')}", ""]
     if reg:
         lines += [f"**Model** `{reg.get('model_name', '?')}` version **{reg.get('version', '?')}** "
                   f"(`{reg.get('model_uri', '')}`): {standing}"
                   + f" ({reg.get('decision', '?')}: {reg.get('reason', '')}); aliases: "
                   + (", ".join(reg.get("aliases") or []) or "none")
                   + f"; current champion: version {reg.get('champion_version')}", ""]
+        gate = _gate_line(reg.get("gate")) if outcomes.get("register") == "ran" else None
+        lines += [gate, ""] if gate else []
     lines += ["| stage | result |", "|---|---|"] + [f"| {s} | {o} |" for s, o in outcomes.items()] + [""]
     rows = [(split, key, value) for split in ("train", "eval")
             for key, value in sorted((results.get(split) or {}).items()) if isinstance(value, (int, float))]
@@ -279,15 +313,18 @@ def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = Non
     changed = write_params(project / "params.yaml", flow_overrides(overrides, nproc, source))
     logger.info("params.yaml: %s", ", ".join(changed) or "unchanged")
 
+    fetched_from = fetched_fingerprint(project / RAW_DIR)  # before fetch may replace the data
     outcomes = {"fetch": fetch.with_options(
         retry_delay_seconds=exponential_backoff(fetch_backoff_s)(FETCH_RETRIES))(str(project))}
+    data = fetch_reason(fetched_from, read_fingerprint(project / FINGERPRINT_FILE), outcomes["fetch"])
+    logger.info("data: %s", data["reason"])
     for stage_task in (validate, train, evaluate, register):
         outcomes[stage_task.name] = stage_task(str(project))
 
     results = collect_results(project)
-    create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed), key=ARTIFACT_KEY,
-                             description="TinySSD retraining: metrics, model version, champion decision")
-    return {"stages": outcomes, "params_changed": changed, **results}
+    create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed, data), key=ARTIFACT_KEY,
+                             description="TinySSD retraining: data, metrics, model version, champion decision")
+    return {"stages": outcomes, "params_changed": changed, "data": data, **results}
 
 
 # ----------------------------------------------------------------------------------------------

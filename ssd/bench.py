@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -274,7 +275,10 @@ def bench_dvc_repro(project: Path) -> dict[str, Any]:
     if not (project / "dvc.yaml").is_file() or not (project / "dvc.lock").is_file():
         return {"seconds": None, "note": f"not measured: no reproduced pipeline in {project} (no dvc.lock)"}
     status = subprocess.run([dvc, "status", "--json"], cwd=project, capture_output=True, text=True, timeout=600)
-    if status.returncode != 0 or json.loads(status.stdout or "{}"):
+    changes = json.loads(status.stdout or "{}") if status.returncode == 0 else None
+    # `always_changed` stages (the data source check) run every time by design: not a change.
+    always = {stage for stage, what in (changes or {}).items() if what == ["always changed"]}
+    if changes is None or set(changes) - always:
         return {"seconds": None, "note": f"not measured: the pipeline in {project} is not up to date "
                                          f"(`dvc status` lists changes), so `dvc repro` would run stages"}
     start = time.perf_counter()
@@ -282,7 +286,7 @@ def bench_dvc_repro(project: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         return {"seconds": None, "note": f"not measured: `dvc repro` failed: {proc.stderr.strip()[-300:]}"}
-    ran = "Running stage" in proc.stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", proc.stdout)) - always
     return {"seconds": seconds, "note": "ran stages (something changed)" if ran else "nothing changed"}
 
 

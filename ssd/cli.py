@@ -12,6 +12,7 @@ import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "source": ("ssd.fetch", "fingerprint the data source (rewritten only when it changed)"),
     "fetch": ("ssd.fetch", "download (or generate) the banana dataset and extract it"),
     "validate": ("ssd.validate", "check every image and label row; write the validation report"),
     "train": ("ssd.train", "train TinySSD (same code under python and torchrun)"),

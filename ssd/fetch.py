@@ -14,12 +14,19 @@ Every source goes through the same verify + extract path. Extraction refuses abs
 members, symlinks, and archives whose sizes are absurd (zip bombs), and writes only inside a
 temporary folder that replaces ``out`` whole on success (``ssd.files.atomic_dir``): a failure leaves
 the previous dataset, or nothing, never a partial one. ``out/manifest.json`` records what was fetched.
+
+``check_source`` (``ssd source``, the always-run DVC stage before fetch) writes a small fingerprint
+of the source to ``data/source.json``, only when it changed: the zip's SHA-256, a folder's tree hash,
+a URL's ETag/Last-Modified/Content-Length from a HEAD request (its body's SHA-256 when the server
+gives neither), the generator's settings, or ``unreachable`` for ``auto`` offline. Fetch depends on
+that file, so DVC reruns it exactly when the source changed, and records it in the manifest.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import http.client
+import json
 import socket
 import stat
 import sys
@@ -31,7 +38,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ssd.files import atomic_dir, atomic_write_json
 
@@ -43,6 +50,9 @@ MAX_TOTAL_BYTES = 4 << 30    # 4 GiB unpacked: the real archive is far smaller
 MAX_MEMBERS = 100_000
 MAX_RATIO = 200              # uncompressed / compressed per member: beyond it, a zip bomb
 CHUNK = 1 << 20
+
+
+T = TypeVar("T")
 
 
 class NetworkUnreachable(RuntimeError):
@@ -59,52 +69,79 @@ def _is_unreachable(exc: urllib.error.URLError) -> bool:
         isinstance(reason, OSError) and reason.errno in {101, 110, 113})  # ENETUNREACH, ETIMEDOUT, EHOSTUNREACH
 
 
-def download(url: str, dest: Path, *, timeout: float = CONNECT_TIMEOUT, retries: int = RETRIES,
-             backoff: float = 1.0, progress: bool = True) -> str:
-    """Download ``url`` to ``dest``; returns its SHA-1 (hex).
+class HTTPStatusError(RuntimeError):
+    """The server answered with an HTTP error that retrying will not fix (4xx other than 429, 501)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _with_retries(url: str, attempt: Callable[[], T], what: str, retries: int, backoff: float) -> T:
+    """``attempt()`` (one request to ``url``), retried on transient failures with exponential backoff.
 
     Raises ``NetworkUnreachable`` at once when the server cannot be reached (no retries, so an
-    offline run decides fast); retries transient failures ``retries`` times with exponential
-    backoff; raises ``RuntimeError`` for HTTP errors and when the retries run out.
+    offline run decides fast), ``HTTPStatusError`` for a 4xx or 501 answer, ``RuntimeError`` for a URL
+    that cannot be opened and when the retries (timeouts, resets, 5xx, 429) run out.
     """
-    from tqdm import tqdm
-
     last: BaseException | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+    for attempt_no in range(retries + 1):
+        if attempt_no:
+            time.sleep(backoff * 2 ** (attempt_no - 1))
         try:
-            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (URL from params/CLI)
+            return attempt()
         except urllib.error.HTTPError as exc:
-            if exc.code >= 500 or exc.code == 429:
+            if (exc.code >= 500 and exc.code != 501) or exc.code == 429:  # 501: the method never works there
                 last = exc
                 continue
-            raise RuntimeError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+            raise HTTPStatusError(f"{what} {url} failed: HTTP {exc.code} {exc.reason}", exc.code) from None
         except urllib.error.URLError as exc:  # raised while connecting (DNS, TCP) or for a bad local path
             if _is_unreachable(exc):
                 raise NetworkUnreachable(f"cannot reach {url}: {exc.reason}") from None
             raise RuntimeError(f"cannot open {url}: {exc.reason}") from None
-        except (OSError, http.client.HTTPException) as exc:  # connected, then no or a broken answer
+        except (OSError, http.client.HTTPException) as exc:  # connected, then no, a broken or a short answer
             last = exc
-            continue
+    raise RuntimeError(f"{what} {url} failed after {retries + 1} attempts: {last!r}")
+
+
+def _stream(url: str, sink: Callable[[bytes], None], timeout: float, progress: bool) -> None:
+    """GET ``url`` and pass its body to ``sink`` chunk by chunk; a body shorter than its
+    Content-Length raises ``IncompleteRead`` (transient for :func:`_with_retries`)."""
+    from tqdm import tqdm
+
+    response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (URL from params/CLI)
+    with response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {Path(urllib.parse.urlparse(url).path).name}",
+                  disable=not progress, file=sys.stderr) as bar:
+            got = 0
+            while chunk := response.read(CHUNK):
+                sink(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and got != total:
+            raise http.client.IncompleteRead(b"", total - got)
+
+
+def download(url: str, dest: Path, *, timeout: float = CONNECT_TIMEOUT, retries: int = RETRIES,
+             backoff: float = 1.0, progress: bool = True) -> str:
+    """Download ``url`` to ``dest``; returns its SHA-1 (hex).
+
+    Raises ``NetworkUnreachable`` at once when the server cannot be reached; retries transient
+    failures ``retries`` times with exponential backoff; raises ``RuntimeError`` (``HTTPStatusError``
+    for a 4xx answer) for HTTP errors and when the retries run out.
+    """
+    def attempt() -> str:
         sha1 = hashlib.sha1()
-        try:
-            with response, open(dest, "wb") as f:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {Path(urllib.parse.urlparse(url).path).name}",
-                          disable=not progress, file=sys.stderr) as bar:
-                    got = 0
-                    while chunk := response.read(CHUNK):
-                        f.write(chunk)
-                        sha1.update(chunk)
-                        got += len(chunk)
-                        bar.update(len(chunk))
-                if total is not None and got != total:
-                    raise http.client.IncompleteRead(b"", total - got)
-            return sha1.hexdigest()
-        except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, short bodies: transient
-            last = exc
-    raise RuntimeError(f"download of {url} failed after {retries + 1} attempts: {last!r}")
+        with open(dest, "wb") as f:
+            def sink(chunk: bytes) -> None:
+                f.write(chunk)
+                sha1.update(chunk)
+
+            _stream(url, sink, timeout, progress)
+        return sha1.hexdigest()
+
+    return _with_retries(url, attempt, "download of", retries, backoff)
 
 
 def file_sha1(path: Path) -> str:
@@ -192,6 +229,221 @@ def _check_layout(root: Path) -> dict[str, dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# sources: what a source names, and its fingerprint (the `source` stage)
+
+FINGERPRINT_FILE = Path("data/source.json")
+HEAD_REFUSED = {403, 405, 501}  # servers that refuse HEAD but serve GET (e.g. URLs presigned for GET)
+
+
+def source_kind(source: str) -> str:
+    """What ``source`` names: ``auto``, ``d2l``, ``synthetic``, ``url`` (http, https or file), ``file``
+    (a zip) or ``folder``; ``FileNotFoundError`` for anything else."""
+    if source in ("auto", "d2l", "synthetic"):
+        return source
+    if urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
+        return "url"
+    path = Path(source)
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        return "folder"
+    raise FileNotFoundError(f"source {source!r} is not auto, d2l, synthetic, a URL or an existing zip file or folder")
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """``sha256`` and ``bytes`` of a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"source file not found: {path}")
+    with open(path, "rb") as f:
+        return {"sha256": hashlib.file_digest(f, "sha256").hexdigest(), "bytes": path.stat().st_size}
+
+
+def tree_identity(root: Path) -> dict[str, Any]:
+    """``tree_sha256`` over every file's relative path and SHA-256 under ``root``, with ``files`` and ``bytes``."""
+    root = Path(root)
+    digest, files, size = hashlib.sha256(), 0, 0
+    for path in sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix()):
+        with open(path, "rb") as f:
+            file_hash = hashlib.file_digest(f, "sha256").digest()
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + file_hash)
+        files, size = files + 1, size + path.stat().st_size
+    return {"tree_sha256": digest.hexdigest(), "files": files, "bytes": size}
+
+
+def probe_url(url: str, *, timeout: float = CONNECT_TIMEOUT, retries: int = RETRIES,
+              backoff: float = 1.0) -> dict[str, Any]:
+    """What identifies the archive at ``url`` now, cheaply.
+
+    A HEAD request's ``etag``, ``last_modified`` and ``content_length``; when the server sends
+    neither validator or refuses HEAD, the ``sha256`` and ``bytes`` of the body (streamed, nothing
+    written). A ``file://`` URL is hashed (its mtime is too coarse to trust). Errors as :func:`download`.
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return file_identity(Path(urllib.request.url2pathname(parsed.path)))
+
+    def head() -> Any:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:  # noqa: S310
+            return response.headers
+
+    try:
+        headers = _with_retries(url, head, "HEAD request to", retries, backoff)
+    except HTTPStatusError as exc:
+        if exc.code not in HEAD_REFUSED:
+            raise
+        headers = None
+    if headers is not None and (headers.get("ETag") or headers.get("Last-Modified")):
+        length = headers.get("Content-Length")
+        # Content-Length alone would miss a same-size replacement, so it only ever adds to a validator.
+        return {"etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified"),
+                "content_length": int(length) if length and length.isdigit() else None}
+
+    def hash_body() -> dict[str, Any]:
+        digest, size = hashlib.sha256(), 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal size
+            digest.update(chunk)
+            size += len(chunk)
+
+        _stream(url, sink, timeout, progress=False)
+        return {"sha256": digest.hexdigest(), "bytes": size}
+
+    return _with_retries(url, hash_body, "download of", retries, backoff)
+
+
+def source_fingerprint(source: str | None = None, params: dict[str, Any] | None = None,
+                       previous: dict[str, Any] | None = None, *, timeout: float = CONNECT_TIMEOUT,
+                       retries: int = RETRIES, backoff: float = 1.0) -> dict[str, Any]:
+    """A small, stable description of what ``fetch(source)`` would get now; it changes exactly when that does.
+
+    ``{"source", "kind", ...}``: ``synthetic`` (the generator's settings), ``file`` (``sha256``),
+    ``folder`` (``tree_sha256``), ``url``/``d2l`` (:func:`probe_url`, or ``error`` when the server
+    answers with an HTTP error, so that fetch runs and fails on it), ``unreachable`` (``auto``
+    offline: the synthetic fallback's settings). When the server cannot be checked (unreachable,
+    out of retries) but ``previous`` is this same source's fingerprint, ``previous`` is returned
+    with a warning: an outage is not a new dataset, and must not swap real data for generated.
+    """
+    data = (params or {}).get("data", {})
+    source = source or data.get("source", "auto")
+    kind = source_kind(source)
+    generated = {"synthetic": dict(data.get("synthetic") or {}), "image_size": int(data.get("image_size", 256))}
+    if kind == "synthetic":
+        return {"source": source, "kind": kind, **generated}
+    if kind in ("file", "folder"):
+        return {"source": source, "kind": kind,
+                **(file_identity(Path(source)) if kind == "file" else tree_identity(Path(source)))}
+    url = source if kind == "url" else data.get("url")
+    if not url:
+        raise ValueError("params data.url is empty: no URL for the d2l archive")
+    resolved = "url" if kind == "url" else "d2l"
+    try:
+        return {"source": source, "kind": resolved, "url": url,
+                **probe_url(url, timeout=timeout, retries=retries, backoff=backoff)}
+    except HTTPStatusError as exc:
+        return {"source": source, "kind": resolved, "url": url, "error": f"HTTP {exc.code}"}
+    except (NetworkUnreachable, RuntimeError) as exc:
+        unreachable = isinstance(exc, NetworkUnreachable)
+        if (previous and previous.get("source") == source and previous.get("kind") == resolved
+                and previous.get("url") == url and not previous.get("error")):
+            _warn(f"{exc}.\nCannot tell whether {url} changed: keeping the fingerprint of the data fetched "
+                  f"from it before, so fetch does not run again (and does not fall back to generated data).")
+            return previous
+        if kind == "auto" and unreachable:
+            return {"source": source, "kind": "unreachable", "url": url, **generated}
+        return {"source": source, "kind": resolved, "url": url,
+                "error": "unreachable" if unreachable else "no answer after retries"}
+
+
+def read_fingerprint(path: str | Path = FINGERPRINT_FILE) -> dict[str, Any] | None:
+    """The fingerprint in ``path`` (written by :func:`check_source`), or None if there is none."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def fetched_fingerprint(data_dir: str | Path = "data/raw") -> dict[str, Any] | None:
+    """The fingerprint the dataset in ``data_dir`` was fetched from (its manifest), or None."""
+    manifest = read_fingerprint(Path(data_dir) / "manifest.json")
+    return (manifest or {}).get("source_fingerprint")
+
+
+def describe_fingerprint(fingerprint: dict[str, Any] | None) -> str:
+    """A short human description: ``sha256 a1b2c3d4e5f6…``, ``ETag "x", 123 bytes``, ..."""
+    if not fingerprint:
+        return "none recorded"
+    kind, fp = fingerprint.get("kind"), fingerprint
+    if fp.get("error"):
+        return f"{fp.get('url')}: {fp['error']}"
+    if kind in ("synthetic", "unreachable"):
+        synth = fp.get("synthetic") or {}
+        text = (f"generated, seed {synth.get('seed', 0)}, {synth.get('train', '?')}+{synth.get('val', '?')} "
+                f"images of {fp.get('image_size')} px")
+        return f"{fp.get('url')} unreachable: {text}" if kind == "unreachable" else text
+    if fp.get("sha256"):
+        return f"sha256 {fp['sha256'][:12]}…"
+    if fp.get("tree_sha256"):
+        return f"tree sha256 {fp['tree_sha256'][:12]}… ({fp.get('files')} files)"
+    parts = [f"ETag {fp['etag']}" if fp.get("etag") else "",
+             f"Last-Modified {fp['last_modified']}" if fp.get("last_modified") else "",
+             f"{fp['content_length']} bytes" if fp.get("content_length") is not None else ""]
+    return ", ".join(p for p in parts if p) or str(kind)
+
+
+def describe_change(previous: dict[str, Any] | None, current: dict[str, Any] | None) -> str:
+    """``source unchanged (...)`` or ``source changed: <previous> -> <current>``."""
+    if previous == current:
+        return f"source unchanged ({describe_fingerprint(current)})"
+    if previous is None:
+        return f"no data fetched from a recorded source yet: {(current or {}).get('source')} ({describe_fingerprint(current)})"
+    if current is not None and previous.get("source") != current.get("source"):
+        return (f"source changed: {previous.get('source')} ({describe_fingerprint(previous)}) -> "
+                f"{current.get('source')} ({describe_fingerprint(current)})")
+    return f"source changed: {describe_fingerprint(previous)} -> {describe_fingerprint(current)}"
+
+
+def fetch_reason(previous: dict[str, Any] | None, current: dict[str, Any] | None, outcome: str) -> dict[str, Any]:
+    """Whether the data was fetched again and why, for a run summary.
+
+    ``previous``: the fingerprint of the data before the run (:func:`fetched_fingerprint`, read
+    before fetch ran); ``current``: the source's fingerprint now (:func:`read_fingerprint`);
+    ``outcome``: the fetch stage's ``ran``, ``skipped`` or ``restored`` (from DVC's run cache).
+    """
+    if outcome == "skipped":
+        reason = "source unchanged: skipped" if previous == current else \
+            f"skipped (DVC saw no change) although {describe_change(previous, current)}"
+        return {"fetched": False, "reason": reason, "fingerprint": current}
+    if previous == current and previous is not None:
+        reason = "source unchanged, but the fetch stage's params or code changed: fetched again"
+    else:
+        reason = describe_change(previous, current)
+    if outcome == "restored":
+        reason += " (restored from DVC's run cache)"
+    return {"fetched": True, "reason": reason, "fingerprint": current}
+
+
+def check_source(source: str | None = None, params: dict[str, Any] | None = None,
+                 out: str | Path = FINGERPRINT_FILE, data_dir: str | Path = "data/raw",
+                 **probe: Any) -> dict[str, Any]:
+    """The `source` stage: write the source's fingerprint to ``out`` (atomically, only when it changed).
+
+    Returns ``{"fingerprint", "written", "change"}``, ``change`` comparing it with the fingerprint
+    the data in ``data_dir`` was fetched from. ``probe``: ``timeout``/``retries``/``backoff``.
+    """
+    out = Path(out)
+    before = read_fingerprint(out)
+    fingerprint = source_fingerprint(source, params, before, **probe)
+    written = fingerprint != before
+    if written:
+        atomic_write_json(out, fingerprint)
+    return {"fingerprint": fingerprint, "written": written,
+            "change": describe_change(fetched_fingerprint(data_dir), fingerprint)}
+
+
+# ----------------------------------------------------------------------------------------------
 # the stage
 
 def _warn(message: str) -> None:
@@ -210,25 +462,42 @@ def _generate(work: Path, synth: dict[str, Any], image_size: int, progress: bool
     return archive
 
 
+# What a fingerprint's kind resolves to in the manifest: the fingerprint is recorded only when they agree.
+_RESOLVES_TO = {"d2l": "d2l", "unreachable": "synthetic", "synthetic": "synthetic", "url": "url", "file": "file"}
+
+
 def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = "data/raw",
-          params: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
+          params: dict[str, Any] | None = None, *, progress: bool = True,
+          fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fetch the dataset into ``out`` (``out/banana-detection/...`` and ``out/manifest.json``).
 
-    Returns the manifest. Raises ``ValueError`` (checksum mismatch, unsafe or malformed archive),
-    ``FileNotFoundError`` (missing zip) or ``RuntimeError`` (download failed); ``out`` is then untouched.
+    ``fingerprint``: the source's fingerprint from the `source` stage (:func:`check_source`); it is
+    recorded in the manifest as ``source_fingerprint`` when it describes what was fetched, so the
+    next check can tell whether the data is still current. When it says the ``auto`` URL answered,
+    failing to reach it now is an error, not a reason to fall back to generated data.
+
+    Returns the manifest. Raises ``ValueError`` (checksum mismatch, unsafe or malformed archive, a
+    folder source, an archive that changed since the check), ``FileNotFoundError`` (missing zip) or
+    ``RuntimeError`` (download failed); ``out`` is then untouched.
     """
     data = (params or {}).get("data", {})
     source = source or data.get("source", "auto")
     synth = dict(data.get("synthetic") or {})
     image_size = int(data.get("image_size", 256))
     out = Path(out)
+    kind = source_kind(source)
+    if kind == "folder":
+        raise ValueError(f"source {source!r} is a folder: fetch takes a zip archive in the banana layout "
+                         f"(folder sources are not supported yet; zip it)")
+    if fingerprint is not None and fingerprint.get("source") != source:
+        fingerprint = None  # a check of another source (a stale file, or `ssd fetch --source` by hand)
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"requested_source": source, "synthetic_fallback": False}
 
     with tempfile.TemporaryDirectory(prefix=".tmp-fetch-", dir=out.parent) as work_dir:
         work = Path(work_dir)
         expected = sha1
-        if source in ("auto", "d2l"):
+        if kind in ("auto", "d2l"):
             url = data.get("url")
             if not url:
                 raise ValueError("params data.url is empty: no URL for the d2l archive")
@@ -238,7 +507,7 @@ def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = 
                 computed = download(url, archive, progress=progress)
                 manifest.update(resolved_source="d2l", url=url)
             except NetworkUnreachable as exc:
-                if source != "auto":
+                if kind != "auto" or (fingerprint or {}).get("kind") == "d2l":
                     raise
                 _warn(f"{exc}.\nFalling back to the SYNTHETIC banana dataset (generated, not the real "
                       f"one). Results will not be comparable with the book's. Recorded in {out / 'manifest.json'}.")
@@ -246,26 +515,31 @@ def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = 
                 computed = file_sha1(archive)
                 manifest.update(resolved_source="synthetic", synthetic_fallback=True, fallback_reason=str(exc),
                                 synthetic=synth)
-        elif source == "synthetic":
+        elif kind == "synthetic":
             archive = _generate(work, synth, image_size, progress)
             computed = file_sha1(archive)
             manifest.update(resolved_source="synthetic", synthetic=synth)
-        elif urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
+        elif kind == "url":
             archive = work / (Path(urllib.parse.urlparse(source).path).name or "archive.zip")
             computed = download(source, archive, progress=progress)
             manifest.update(resolved_source="url", url=source)
         else:
             path = Path(source)
-            if not path.is_file():
-                raise FileNotFoundError(f"source {source!r} is not auto, d2l, synthetic, a URL or an existing zip file")
             archive, computed = path, file_sha1(path)
             manifest.update(resolved_source="file", path=str(path.resolve()))
 
         if expected and computed.lower() != expected.lower():
             raise ValueError(f"SHA-1 mismatch for {manifest.get('url') or manifest.get('path') or source}: "
                              f"expected {expected}, got {computed}; refusing it (the previous data is kept)")
+        identity = file_identity(archive)
+        if fingerprint and fingerprint.get("sha256") and fingerprint["sha256"] != identity["sha256"]:
+            raise ValueError(f"{source} changed between the source check (sha256 {fingerprint['sha256'][:12]}…) "
+                             f"and this fetch (sha256 {identity['sha256'][:12]}…): run the pipeline again")
+        agrees = fingerprint is not None and not fingerprint.get("error") and \
+            _RESOLVES_TO.get(fingerprint.get("kind", "")) == manifest["resolved_source"]
         manifest.update(sha1=computed, expected_sha1=expected or None, verified=bool(expected),
-                        archive_bytes=archive.stat().st_size)
+                        sha256=identity["sha256"], archive_bytes=identity["bytes"],
+                        source_fingerprint=fingerprint if agrees else None)
 
         with atomic_dir(out) as tmp:
             tmp.chmod(0o755)  # mkdtemp makes it private; a dataset folder is not
@@ -285,6 +559,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="auto, d2l, synthetic, a URL or a zip path (default: params data.source)")
     parser.add_argument("--sha1", help="expected SHA-1 of the archive (default for d2l/auto: params data.sha1)")
     parser.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
+    parser.add_argument("--fingerprint", metavar="FILE",
+                        help="the source's fingerprint written by `ssd source`, recorded in the manifest")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_params_arguments(parser)
 
@@ -293,10 +569,32 @@ def main(args: argparse.Namespace) -> int:
     from ssd.params import load_params
 
     params = load_params(args.params, args.set)
-    manifest = fetch(args.source, args.sha1, args.out, params, progress=not args.quiet)
+    fingerprint = None
+    if args.fingerprint:
+        fingerprint = read_fingerprint(args.fingerprint)
+        if fingerprint is None:
+            raise FileNotFoundError(f"{args.fingerprint}: no source fingerprint there (run `ssd source` first)")
+    manifest = fetch(args.source, args.sha1, args.out, params, progress=not args.quiet, fingerprint=fingerprint)
     files = ", ".join(f"{k}: {v['images']} images / {v['label_rows']} boxes" for k, v in manifest["files"].items())
     print(f"fetched {manifest['resolved_source']} dataset (sha1 {manifest['sha1']}) into "
           f"{Path(args.out) / DATASET_DIR}: {files}")
     if manifest["synthetic_fallback"]:
         print("NOTE: synthetic fallback (network unreachable); see manifest.json", file=sys.stderr)
+    return 0
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    from ssd.cli import add_params_arguments
+
+    parser.add_argument("--source", help="as for `ssd fetch` (default: params data.source)")
+    parser.add_argument("--out", default=str(FINGERPRINT_FILE), help="fingerprint file (default: %(default)s)")
+    parser.add_argument("--data", default="data/raw", help="the fetched dataset, to compare with (default: %(default)s)")
+    add_params_arguments(parser)
+
+
+def source_main(args: argparse.Namespace) -> int:
+    from ssd.params import load_params
+
+    result = check_source(args.source, load_params(args.params, args.set), args.out, args.data)
+    print(f"{result['change']}; {args.out} " + ("written" if result["written"] else "unchanged"))
     return 0

@@ -6,7 +6,9 @@ with the dataset served over HTTP on 127.0.0.1 and MLflow's embedded SQLite stor
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -98,13 +100,24 @@ def build_zips(folder: Path) -> dict[str, bytes]:
 
 
 class FlakyServer:
-    """Serves archives on 127.0.0.1; the next ``fail[path]`` requests for a path get HTTP 503."""
+    """Serves archives on 127.0.0.1; the next ``fail[path]`` GET requests for a path get HTTP 503.
+
+    HEAD requests (the `source` stage's check) answer with the archive's ETag and length; they never
+    fail and are not in ``log``, which lists the GET requests."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.fail, self.log = files, {}, []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                body = outer.files.get(self.path)
+                self.send_response(404 if body is None else 200)
+                if body is not None:
+                    self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()[:16]}"')
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+
             def do_GET(self) -> None:
                 if outer.fail.get(self.path, 0) > 0:
                     outer.fail[self.path] -= 1
@@ -282,13 +295,17 @@ def test_flow_end_to_end_with_flaky_fetch(trained):
     assert "--nproc-per-node 2" in (project / "dvc.lock").read_text()
     logs = log_lines(state.state_details.flow_run_id)
     assert "> torchrun --standalone --nproc-per-node 2 -m ssd train" in logs
-    assert {"> ssd fetch", "> ssd validate", "> ssd evaluate", "> ssd register"} <= set(logs)
+    assert {"> ssd source", "> ssd fetch --fingerprint data/source.json", "> ssd validate", "> ssd evaluate",
+            "> ssd register"} <= set(logs)
     assert any("examples/sec" in line and "\n" not in line for line in logs), logs[-20:]
-    # The stages' outputs exist and dvc.lock is true: nothing left to reproduce.
+    # The stages' outputs exist and dvc.lock is true: nothing left to reproduce but the `source`
+    # check, which runs every time by design (always_changed).
     for path in ("models/model.pt", "reports/train.json", "reports/eval.json", "reports/registration.json"):
         assert (project / path).is_file(), path
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
-    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
+                            text=True)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert json.loads(status.stdout) == {"source": ["always changed"]}, status.stdout
     # The run's summary: metrics from both reports, model version 1, promoted to champion (the first).
     reg = result["registration"]
     assert reg["version"] == 1 and "champion" in reg["aliases"]
