@@ -26,6 +26,7 @@ import io
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -222,19 +223,36 @@ def log_to_mlflow(run_file: Path, metrics: dict[str, Any], paths: dict[str, Path
     return run_id
 
 
-def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Path, reports: str | Path,
-             run_file: str | Path) -> dict[str, Any]:
-    """The whole stage: metrics, curve and pictures written under ``reports``, logged to MLflow."""
-    from .data import load_dataset
-    from .model import load_model
-    from .tracking import provenance
+@dataclass(frozen=True)
+class Scores:
+    """A model's results on a validation split: the stage's ``metrics``, and the detections per
+    image normalised (``preds``) and in pixels with the pixel ground truth (for the curve)."""
+    metrics: dict[str, Any]
+    preds: list[torch.Tensor]
+    pixel_preds: list[torch.Tensor]
+    pixel_targets: list[torch.Tensor]
 
-    cfg, data_cfg = params["evaluate"], params["data"]
-    threshold, nms_threshold = float(cfg["threshold"]), float(cfg["nms_threshold"])
-    net = load_model(model_path).to("cuda" if torch.cuda.is_available() else "cpu")
+
+def load_validation(params: dict[str, Any], data_root: str | Path) -> Any:
+    """The validation split of ``data_root`` as the evaluate stage reads it (``DetectionDataset``)."""
+    from .data import load_dataset
+
+    data_cfg = params["data"]
     dataset = load_dataset(data_root, "val", int(data_cfg["image_size"]), data_cfg["classes"])
     if len(dataset) == 0:
         raise ValueError(f"{dataset.split_dir}: the validation split is empty")
+    return dataset
+
+
+def score(net: torch.nn.Module, dataset: Any, params: dict[str, Any]) -> Scores:
+    """Run ``net`` over ``dataset`` (on the GPU when there is one) and compute the stage's metrics.
+
+    The one scoring path: the evaluate stage uses it for the trained model, and the registry for a
+    champion re-scored on the current validation split.
+    """
+    cfg = params["evaluate"]
+    threshold, nms_threshold = float(cfg["threshold"]), float(cfg["nms_threshold"])
+    net = net.to("cuda" if torch.cuda.is_available() else "cpu")
     preds, seed_metrics = run_model(net, dataset.images, dataset.labels, nms_threshold)
 
     # Pixel boxes: IoU is the same, and COCO's small/medium/large areas mean something.
@@ -244,7 +262,22 @@ def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Pa
     metrics: dict[str, Any] = {**detection_metrics(pixel_preds, pixel_targets, threshold), **seed_metrics,
                                "threshold": threshold, "num_images": len(dataset),
                                "num_objects": int((dataset.labels[..., 0] >= 0).sum())}
-    curve = precision_recall(pixel_preds, pixel_targets, CURVE_THRESHOLDS)
+    return Scores(metrics, preds, pixel_preds, pixel_targets)
+
+
+def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Path, reports: str | Path,
+             run_file: str | Path) -> dict[str, Any]:
+    """The whole stage: metrics, curve and pictures written under ``reports``, logged to MLflow."""
+    from .model import load_model
+    from .tracking import provenance
+
+    cfg = params["evaluate"]
+    threshold = float(cfg["threshold"])
+    net = load_model(model_path)
+    dataset = load_validation(params, data_root)
+    scores = score(net, dataset, params)
+    metrics, preds = scores.metrics, scores.preds
+    curve = precision_recall(scores.pixel_preds, scores.pixel_targets, CURVE_THRESHOLDS)
 
     n = min(int(cfg["gallery_images"]), len(dataset))
     import matplotlib.pyplot as plt

@@ -32,6 +32,7 @@ from .tracking import PROVENANCE_KEYS, read_run_file
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
 MODEL_ARTIFACT = "model"    # the logged model's name inside the run
+VAL_DIGEST = "val_digest"   # version tag: the validation split its val_* metrics were computed on
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,62 @@ def champion_of(client: Any, name: str) -> Any | None:
         return None
 
 
+def validation_split(data_dir: str | Path) -> Path:
+    """The validation split folder under ``data_dir`` (``data/raw``, or a dataset root itself)."""
+    from .data import find_split
+    from .fetch import DATASET_DIR
+
+    root = Path(data_dir)
+    return find_split(root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root, "val")
+
+
+def rescore_version(name: str, version: int | str, params: dict[str, Any], split_dir: str | Path) -> dict[str, Any]:
+    """The evaluate stage's metrics for registered ``version`` of ``name`` on the split ``split_dir``.
+
+    The weights are the version's own: ``model.pt`` inside its logged model, downloaded from the
+    registry. ``RuntimeError`` naming the version when they cannot be downloaded or loaded.
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow.models import Model
+
+    from .evaluate import load_validation, score
+    from .model import load_model
+    from .pyfunc import WEIGHTS_ARTIFACT
+
+    uri = f"models:/{name}/{version}"
+    with tempfile.TemporaryDirectory(prefix="ssd-rescore-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            weights = Model.load(str(local)).flavors["python_function"]["artifacts"][WEIGHTS_ARTIFACT]["path"]
+            net = load_model(local / weights)
+        except (_mlflow_errors(), OSError, KeyError, TypeError, ValueError) as exc:
+            raise RuntimeError(f"cannot re-score {uri} on the current validation split: its model could not be "
+                               f"loaded ({type(exc).__name__}: {exc})") from None
+    return score(net, load_validation(params, split_dir), params).metrics
+
+
+def champion_gate(name: str, champion: Any, candidate: float, val_digest: str, params: dict[str, Any],
+                  split_dir: str | Path) -> dict[str, Any]:
+    """The figures a candidate scored on the split ``val_digest`` is compared on.
+
+    The champion's stored ``val_map_50`` counts only if it was computed on the same split (tag
+    ``val_digest``; a version without it counts as another split); otherwise the champion is
+    re-scored on ``split_dir`` now, and that figure is the one compared (``champion_map_50``).
+    """
+    tags = champion.tags or {}
+    stored = tags.get(f"val_{METRIC}")
+    gate: dict[str, Any] = {
+        "val_digest": val_digest, f"candidate_{METRIC}": candidate, "champion_version": int(champion.version),
+        f"champion_stored_{METRIC}": float(stored) if stored is not None else None,
+        "champion_stored_val_digest": tags.get(VAL_DIGEST), "rescored": tags.get(VAL_DIGEST) != val_digest}
+    rescored = rescore_version(name, champion.version, params, split_dir)[METRIC] if gate["rescored"] else None
+    gate[f"champion_rescored_{METRIC}"] = rescored
+    gate[f"champion_{METRIC}"] = rescored if gate["rescored"] else gate[f"champion_stored_{METRIC}"]
+    return gate
+
+
 def version_description(metrics: dict[str, Any], decision: Decision) -> str:
     """A version's description in the registry (markdown): its validation metrics and the champion decision."""
     shown = ", ".join(f"{key} {float(metrics[key]):.4f}" for key in ("map_50", "map", "precision", "recall")
@@ -166,6 +223,13 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     model_sha = file_sha256(model_path)
 
     metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    # The split those metrics came from (the evaluate stage read the same data/raw): a later
+    # candidate scored on another split re-scores this version before comparing with it.
+    from .data import split_digest
+
+    split_dir = validation_split(data_dir)
+    val_digest = split_digest(split_dir)
+    metric_tags[VAL_DIGEST] = val_digest
     run_tags = client.get_run(run_id).data.tags  # the version's provenance is its training run's
     origin = {key: run_tags.get(key, "unknown") for key in PROVENANCE_KEYS}
     version = find_version(client, name, run_id, model_sha)
@@ -186,12 +250,20 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
 
     champion = champion_of(client, name)
     candidate = float(metrics[METRIC])
+    gate = None
     if champion is not None and str(champion.version) == version_no:
         decision = Decision(False, f"version {version_no} is already the champion")
     else:
-        champion_metric = (champion.tags or {}).get(f"val_{METRIC}") if champion is not None else None
-        decision = decide_promotion(candidate, float(champion_metric) if champion_metric is not None else None,
+        # Raises when the champion cannot be re-scored: no comparison, so no promotion.
+        gate = champion_gate(name, champion, candidate, val_digest, params, split_dir) if champion else None
+        decision = decide_promotion(candidate, gate[f"champion_{METRIC}"] if gate else None,
                                     min_improvement, has_champion=champion is not None)
+        if gate and gate["rescored"]:
+            stored, was_on = gate[f"champion_stored_{METRIC}"], gate["champion_stored_val_digest"]
+            decision = Decision(decision.promote, decision.reason + (
+                f"; the champion was re-scored on this validation split ({val_digest[:19]}…): its stored "
+                f"{METRIC} {'unknown' if stored is None else f'{stored:.4f}'} was computed on "
+                + (f"{was_on[:19]}…" if was_on else "an unrecorded split")))
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version_no)
             client.set_model_version_tag(name, version_no, "champion_reason", decision.reason)
@@ -202,7 +274,7 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
               "aliases": aliases, "decision": decision.label, "reason": decision.reason,
               "champion_version": int(champion.version) if champion is not None else None,
               f"val_{METRIC}": candidate, "run_id": run_id, "tracking_uri": uri, "reused_version": reused,
-              "provenance": origin}
+              "provenance": origin, VAL_DIGEST: val_digest, "gate": gate}
     atomic_write_json(out, record)
     return record
 

@@ -10,6 +10,7 @@ from ssd.model import TinySSD, save_model
 from ssd.params import load_params
 from ssd.registry import decide_promotion, register
 from ssd.tracking import PROVENANCE_KEYS, write_run_file
+from tiny_data import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tinyssd-registry-test"
@@ -54,7 +55,9 @@ def _training_run(tmp: Path, uri: str, seed: int, map_50: float) -> dict:
     write_run_file(run.info.run_id, uri, tmp / "mlflow_run.json")
     (tmp / "eval.json").write_text(json.dumps({"map_50": map_50, "map": map_50 / 2, "precision": 0.5}))
     return {"model_path": tmp / "model.pt", "eval_file": tmp / "eval.json", "run_file": tmp / "mlflow_run.json",
-            "out": tmp / "registration.json", "data_dir": tmp / "no-data"}
+            "out": tmp / "registration.json",
+            # The same small validation split every time: stored figures stay comparable (no re-scoring).
+            "data_dir": write_dataset(tmp / "raw", train=1, val=2, size=64)}
 
 
 @pytest.mark.slow
