@@ -251,13 +251,13 @@ def _gate_line(gate: dict[str, Any] | None) -> str | None:
     if not gate:
         return None
     digest = str(gate.get("val_digest", "?"))
-    line = (f"**Champion gate** on validation split `{digest[:19]}…`: candidate map_50 "
+    line = (f"**Champion gate** on validation split `{digest[:20]}…`: candidate map_50 "
             f"{_fmt(gate.get('candidate_map_50'))} vs champion version {gate.get('champion_version')} "
             f"{_fmt(gate.get('champion_map_50'))}")
     stored, stored_digest = gate.get("champion_stored_map_50"), gate.get("champion_stored_val_digest")
     if gate.get("rescored"):
         return line + (f", re-scored on this split (its stored map_50 {_fmt(stored)} was computed on "
-                       + (f"`{str(stored_digest)[:19]}…`)" if stored_digest else "an unrecorded split)"))
+                       + (f"`{str(stored_digest)[:20]}…`)" if stored_digest else "an unrecorded split)"))
     return line + " (its stored map_50, computed on this same split)"
 
 

@@ -57,25 +57,6 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def split_digest(split_dir: str | Path) -> str:
-    """``sha256:<hex>`` of a split as it is read: the label file's bytes, then the name and bytes of
-    every image it lists (in name order). Equal digests mean the same images and boxes, so the same
-    model scores the same on both; the registry uses it to tell whether two scores are comparable.
-    """
-    import hashlib
-
-    split_dir = Path(split_dir)
-    labels = label_file(split_dir)
-    digest = hashlib.sha256(labels.read_bytes())
-    for name in sorted(set(read_labels(labels)["img_name"])):
-        path = split_dir / "images" / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: image listed in the label file is missing")
-        with open(path, "rb") as f:
-            digest.update(b"\0" + name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-    return f"sha256:{digest.hexdigest()}"
-
-
 def class_index(value: str, classes: Sequence[str], where: str) -> int:
     """A label cell as a class index: an integer in range or one of the class names."""
     value = str(value).strip()

@@ -211,9 +211,21 @@ def log_to_mlflow(run_file: Path, metrics: dict[str, Any], paths: dict[str, Path
     import mlflow
     from mlflow.entities import Metric
 
+    from mlflow.exceptions import MlflowException
+
     info = read_run_file(run_file)
     client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
     run_id = info["run_id"]
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        # A clone that `dvc pull`ed the model and its committed run file, but not the store the
+        # run lives in: the reports are still written; only "does not exist" is skipped.
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        print(f"warning: MLflow run {run_id} (from {run_file}) is not in {info['tracking_uri']}: "
+              f"skipped MLflow logging", file=sys.stderr)
+        return None
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"val_{k}", float(v), now, 0)
                                       for k, v in metrics.items() if isinstance(v, (int, float))])

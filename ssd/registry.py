@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_json
-from .tracking import PROVENANCE_KEYS, read_run_file
+from .tracking import PROVENANCE_KEYS, read_run_file, split_digest
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
@@ -225,8 +225,6 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     # The split those metrics came from (the evaluate stage read the same data/raw): a later
     # candidate scored on another split re-scores this version before comparing with it.
-    from .data import split_digest
-
     split_dir = validation_split(data_dir)
     val_digest = split_digest(split_dir)
     metric_tags[VAL_DIGEST] = val_digest

@@ -112,6 +112,16 @@ def dvc_md5(directory: str | Path) -> dict[str, str]:
             for folder, listing in listings.items()}
 
 
+def split_digest(split_dir: str | Path) -> str:
+    """``dvc-md5:<md5>.dir``: DVC's hash of one split's folder (images and label file), the digest its
+    MLflow dataset input carries. Equal digests mean the same images and boxes, so the same model
+    scores the same on both; the registry uses it to tell whether two scores are comparable."""
+    digest = dvc_md5(split_dir).get(".")
+    if digest is None:
+        raise FileNotFoundError(f"{split_dir}: no such split folder (or it is empty)")
+    return f"dvc-md5:{digest}"
+
+
 def _manifest(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / "manifest.json").read_text())
@@ -138,15 +148,17 @@ def _git(cwd: str | Path, *args: str) -> str | None:
 
 
 def _pipeline_outputs(cwd: str | Path) -> list[str]:
-    """``dvc.lock`` and every ``outs``/``metrics``/``plots`` path of ``dvc.yaml``'s stages: files the
-    pipeline itself writes, some of them committed to git."""
+    """``dvc.lock``, ``params.yaml`` and every ``outs``/``metrics``/``plots`` path of ``dvc.yaml``'s
+    stages: files the pipeline itself writes, some of them committed to git. ``params.yaml`` is among
+    them because ``dvc exp run -S`` and the flow write it before any stage runs; the values are
+    recorded as the run's params, so they need no dirty flag."""
     import yaml
 
     try:
         stages = (yaml.safe_load((Path(cwd) / "dvc.yaml").read_text()) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError):
         stages = {}
-    return ["dvc.lock"] + [str(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return ["dvc.lock", "params.yaml"] + [str(next(iter(entry)) if isinstance(entry, dict) else entry)
                            for stage in stages.values() if isinstance(stage, dict)
                            for key in ("outs", "metrics", "plots") for entry in stage.get(key) or []]
 
@@ -157,7 +169,8 @@ def provenance(dataset_root: str | Path, cwd: str | Path = ".") -> dict[str, str
 
     - ``git_commit``: the checked-out commit (``unknown`` outside git);
     - ``git_dirty``: ``true`` when tracked files differ from it, the pipeline's own outputs aside
-      (``dvc.lock`` and the reports, rewritten as each stage of ``dvc repro`` finishes), else
+      (``dvc.lock`` and the reports, rewritten as each stage of ``dvc repro`` finishes) and
+      ``params.yaml`` (logged as the run's params), else
       ``false`` (``unknown`` outside git);
     - ``data_hash``: ``dvc-md5:<md5>.dir``, DVC's hash of :func:`data_folder`, computed from the
       files on disk (equal to ``dvc.lock``'s when that is up to date), ``unknown`` without data;

@@ -158,6 +158,21 @@ def test_evaluate_cli_without_run_file_still_writes_reports(stage_inputs, tmp_pa
     assert "map_50" in json.loads((reports / "eval.json").read_text())
 
 
+def test_evaluate_with_a_run_not_in_this_store_still_writes_reports(stage_inputs, tmp_path, capsys):
+    """A clone that `dvc pull`ed the model and the committed run file, with a store of its own:
+    the run is not there, so MLflow logging is skipped with a warning and the reports are written."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_file = tmp_path / "mlflow_run.json"
+    write_run_file("0123456789abcdef0123456789abcdef", store, run_file)
+    reports = tmp_path / "reports"
+    rc = cli_main(["evaluate", "--params", str(ROOT / "params.yaml"), "-S", "data.image_size=64",
+                   "-S", "evaluate.gallery_images=2", "--model", str(stage_inputs / "model.pt"),
+                   "--data", str(stage_inputs / "data"), "--reports", str(reports), "--run-file", str(run_file)])
+    assert rc == 0
+    assert "is not in" in capsys.readouterr().err
+    assert "map_50" in json.loads((reports / "eval.json").read_text())
+
+
 def test_evaluate_cli_missing_model_is_a_clear_error(stage_inputs, tmp_path, capsys):
     rc = cli_main(["evaluate", "--params", str(ROOT / "params.yaml"), "--model", str(tmp_path / "none.pt"),
                    "--data", str(stage_inputs / "data"), "--reports", str(tmp_path / "r")])

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from flows import retrain as rt
+from project_copy import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
-EXCLUDED_TOP = {".venv", "data", "models", "reports", "mlruns", "mlartifacts", "mlflow.db", ".git"}
 # Tiny but complete: 16 train / 8 val images of 160 px (the generator's minimum is 150; validate wants
 # data.image_size to be the images' size), one epoch of two batches.
 TINY = ["data.image_size=160", "train.epochs=1", "train.batch_size=8", "train.compile=false",
@@ -67,16 +67,9 @@ def _quiet_dvc(monkeypatch):
 
 
 def make_project(root: Path) -> Path:
-    """A copy of the working tree (tracked and untracked-but-not-ignored files) as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, files):
-        src = REPO / name
-        if Path(name).parts[0] in EXCLUDED_TOP or not src.is_file():
-            continue
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, root / name)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)  # DVC wants a git repo (no commit needed)
+    """A copy of the working tree (no pipeline outputs) as a fresh git repo (DVC wants one; no commit)."""
+    copy_project(root)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 
 

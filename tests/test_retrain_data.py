@@ -231,17 +231,17 @@ def test_fetch_reason():
 def test_summary_says_why_and_shows_both_gate_figures():
     from flows.retrain import summary_markdown
 
-    gate = {"val_digest": "sha256:" + "b" * 64, "candidate_map_50": 0.5, "champion_version": 1,
-            "champion_stored_map_50": 0.9, "champion_stored_val_digest": "sha256:" + "a" * 64, "rescored": True,
+    gate = {"val_digest": "dvc-md5:" + "b" * 32 + ".dir", "candidate_map_50": 0.5, "champion_version": 1,
+            "champion_stored_map_50": 0.9, "champion_stored_val_digest": "dvc-md5:" + "a" * 32 + ".dir", "rescored": True,
             "champion_rescored_map_50": 0.25, "champion_map_50": 0.25}
     results = {"registration": {"model_name": "tinyssd", "version": 2, "aliases": ["champion"],
                                 "decision": "promoted", "gate": gate}}
     data = {"fetched": True, "reason": "source changed: sha256 a1… -> sha256 c3…"}
     markdown = summary_markdown(results, {"fetch": "ran", "register": "ran"}, [], data)
     assert "**Data** fetched again: source changed: sha256 a1… -> sha256 c3…" in markdown
-    assert (f"**Champion gate** on validation split `sha256:bbbbbbbbbbbb…`: candidate map_50 0.5 vs champion "
+    assert (f"**Champion gate** on validation split `dvc-md5:bbbbbbbbbbbb…`: candidate map_50 0.5 vs champion "
             f"version 1 0.25, re-scored on this split (its stored map_50 0.9 was computed on "
-            f"`sha256:aaaaaaaaaaaa…`)") in markdown
+            f"`dvc-md5:aaaaaaaaaaaa…`)") in markdown
     same = {**gate, "champion_stored_val_digest": gate["val_digest"], "rescored": False,
             "champion_rescored_map_50": None, "champion_map_50": 0.9}
     results["registration"]["gate"] = same
@@ -300,7 +300,7 @@ def test_flow_retrains_when_the_zip_changes_and_rescores_the_champion(prefect_ap
     import mlflow
 
     from flows import retrain as rt
-    from ssd.data import split_digest
+    from ssd.tracking import split_digest
     from ssd.params import load_params
     from ssd.registry import rescore_version
     from test_flows import artifact
@@ -392,7 +392,7 @@ def test_gate_rescores_champion_on_the_new_split(mlflow_server, tmp_path):
     new split) lets the challenger in. Same split again: the stored figure counts, no re-scoring."""
     import mlflow
 
-    from ssd.data import split_digest
+    from ssd.tracking import split_digest
     from ssd.evaluate import load_validation, score
     from ssd.model import load_model
     from ssd.params import load_params

@@ -19,6 +19,7 @@ from ssd.pyfunc import OUTPUT_COLUMNS
 from ssd.registry import register
 
 from servers import free_port, http_server
+from tiny_data import write_dataset
 from ssd.tracking import write_run_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +49,9 @@ def champion(mlflow_server, tmp_path_factory):
     write_run_file(run.info.run_id, mlflow_server, tmp / "mlflow_run.json")
     (tmp / "eval.json").write_text(json.dumps({"map_50": 0.4}))
     params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={NAME}"])
+    data = write_dataset(tmp / "data", train=1, val=2, size=64)  # register tags the validation split's digest
     record = register(params, tmp / "model.pt", tmp / "eval.json", tmp / "mlflow_run.json",
-                      tmp / "registration.json", tmp / "data")
+                      tmp / "registration.json", data)
     assert "champion" in record["aliases"]
     return tmp
 

@@ -129,14 +129,16 @@ def test_provenance_keys_and_data_sources(tmp_path):
 
 
 def test_git_dirty_ignores_the_pipelines_own_outputs(tmp_path):
-    """dvc repro rewrites dvc.lock and committed reports between stages; only other changes are dirt."""
+    """dvc repro rewrites dvc.lock and committed reports between stages, and `dvc exp run -S` writes
+    params.yaml before them (the values are the run's params); only other changes are dirt."""
     (tmp_path / "params.yaml").write_text("a: 1\n")
     (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: x\n    metrics:\n      - out.json:\n"
                                        "          cache: false\n")
     (tmp_path / "out.json").write_text("{}")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
     commit = _git_project(tmp_path)
-    subprocess.run(["git", "add", "dvc.yaml", "out.json", "dvc.lock"], cwd=tmp_path, check=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run(["git", "add", "dvc.yaml", "out.json", "dvc.lock", "code.py"], cwd=tmp_path, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "o"], cwd=tmp_path,
                    check=True)
     assert provenance(tmp_path, cwd=tmp_path)["git_commit"] != commit  # the second commit
@@ -144,6 +146,8 @@ def test_git_dirty_ignores_the_pipelines_own_outputs(tmp_path):
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     assert provenance(tmp_path, cwd=tmp_path)["git_dirty"] == "false"
     (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert provenance(tmp_path, cwd=tmp_path)["git_dirty"] == "false"
+    (tmp_path / "code.py").write_text("x = 2\n")
     assert provenance(tmp_path, cwd=tmp_path)["git_dirty"] == "true"
 
 
