@@ -72,6 +72,7 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 PROVENANCE_KEYS = ("git_commit", "git_dirty", "data_hash", "data_source", "data_synthetic_fallback")
 _MD5_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -255,5 +256,9 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
             import warnings
 
             warnings.warn(f"MLflow run {run_id} is not in {uri}; starting a new run", stacklevel=2)
-    mlflow.set_experiment(experiment)
+    found = mlflow.set_experiment(experiment)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        # MLflow 3's UI opens an experiment of unknown kind on its GenAI traces overview (empty here);
+        # this tag makes it open on the training runs, with their datasets and model versions.
+        mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     return mlflow.start_run(run_name=run_name), False

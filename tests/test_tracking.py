@@ -179,6 +179,8 @@ def test_lineage_from_training_run_to_model_version_and_predict(tmp_path, monkey
 
     client = mlflow.MlflowClient(mlflow_server, mlflow_server)
     run = client.get_run(read_run_file()["run_id"])
+    # The UI opens the experiment on its training runs, not on MLflow 3's (empty) GenAI overview.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     hashes = dvc_md5(project / "data/raw")
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"bananas_train", "bananas_val"}
