@@ -40,7 +40,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, TypeVar
 
-from ssd.files import atomic_dir, atomic_write_json
+from ssd.files import atomic_dir, atomic_write_json, file_digest
 
 DATASET_DIR = "banana-detection"
 SPLIT_DIRS = ("bananas_train", "bananas_val")
@@ -142,14 +142,6 @@ def download(url: str, dest: Path, *, timeout: float = CONNECT_TIMEOUT, retries:
         return sha1.hexdigest()
 
     return _with_retries(url, attempt, "download of", retries, backoff)
-
-
-def file_sha1(path: Path) -> str:
-    sha1 = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha1.update(chunk)
-    return sha1.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +247,7 @@ def file_identity(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"source file not found: {path}")
-    with open(path, "rb") as f:
-        return {"sha256": hashlib.file_digest(f, "sha256").hexdigest(), "bytes": path.stat().st_size}
+    return {"sha256": file_digest(path), "bytes": path.stat().st_size}
 
 
 def tree_identity(root: Path) -> dict[str, Any]:
@@ -512,12 +503,12 @@ def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = 
                 _warn(f"{exc}.\nFalling back to the SYNTHETIC banana dataset (generated, not the real "
                       f"one). Results will not be comparable with the book's. Recorded in {out / 'manifest.json'}.")
                 archive, expected = _generate(work, synth, image_size, progress), None
-                computed = file_sha1(archive)
+                computed = file_digest(archive, "sha1")
                 manifest.update(resolved_source="synthetic", synthetic_fallback=True, fallback_reason=str(exc),
                                 synthetic=synth)
         elif kind == "synthetic":
             archive = _generate(work, synth, image_size, progress)
-            computed = file_sha1(archive)
+            computed = file_digest(archive, "sha1")
             manifest.update(resolved_source="synthetic", synthetic=synth)
         elif kind == "url":
             archive = work / (Path(urllib.parse.urlparse(source).path).name or "archive.zip")
@@ -525,7 +516,7 @@ def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = 
             manifest.update(resolved_source="url", url=source)
         else:
             path = Path(source)
-            archive, computed = path, file_sha1(path)
+            archive, computed = path, file_digest(path, "sha1")
             manifest.update(resolved_source="file", path=str(path.resolve()))
 
         if expected and computed.lower() != expected.lower():

@@ -1,10 +1,11 @@
 """Atomic writes: every result is written to a temporary file beside its target, then renamed.
 
 A reader therefore sees the old file or the new one, never half of one, and a crash leaves
-at most a stray ``.tmp-*`` file that the next write replaces.
+at most a stray ``.tmp-*`` file that the next write replaces. Also the one file-digest helper.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (``sha256``, ``sha1``, ``md5``, ...), read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _umask() -> int:

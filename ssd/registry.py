@@ -19,14 +19,13 @@ is added here.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_json
+from .files import atomic_write_json, file_digest
 from .tracking import PROVENANCE_KEYS, read_run_file, split_digest
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -66,14 +65,6 @@ def decide_promotion(candidate: float, champion: float | None, min_improvement: 
                               f"(>= {min_improvement:g})")
     return Decision(False, f"{METRIC} {candidate:.4f} does not beat champion's {champion:.4f} "
                            f"by more than 0 and at least {min_improvement:g}")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _client(uri: str) -> Any:
@@ -220,7 +211,7 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     run = read_run_file(run_file)
     run_id, uri = run["run_id"], run["tracking_uri"]
     client = _client(uri)
-    model_sha = file_sha256(model_path)
+    model_sha = file_digest(model_path)
 
     metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     # The split those metrics came from (the evaluate stage read the same data/raw): a later

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_json
+from .files import atomic_write_json, file_digest
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_FILE = Path("models/mlflow_run.json")
@@ -88,11 +88,7 @@ def _file_md5(path: Path) -> str:
     stat = path.stat()  # keyed like DVC's state db: a file seen unchanged is not read again
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _MD5_CACHE:
-        digest = hashlib.md5()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _MD5_CACHE[key] = digest.hexdigest()
+        _MD5_CACHE[key] = file_digest(path, "md5")
     return _MD5_CACHE[key]
 
 

@@ -239,9 +239,9 @@ def test_summary_says_why_and_shows_both_gate_figures():
     data = {"fetched": True, "reason": "source changed: sha256 a1… -> sha256 c3…"}
     markdown = summary_markdown(results, {"fetch": "ran", "register": "ran"}, [], data)
     assert "**Data** fetched again: source changed: sha256 a1… -> sha256 c3…" in markdown
-    assert (f"**Champion gate** on validation split `dvc-md5:bbbbbbbbbbbb…`: candidate map_50 0.5 vs champion "
-            f"version 1 0.25, re-scored on this split (its stored map_50 0.9 was computed on "
-            f"`dvc-md5:aaaaaaaaaaaa…`)") in markdown
+    assert ("**Champion gate** on validation split `dvc-md5:bbbbbbbbbbbb…`: candidate map_50 0.5 vs champion "
+            "version 1 0.25, re-scored on this split (its stored map_50 0.9 was computed on "
+            "`dvc-md5:aaaaaaaaaaaa…`)") in markdown
     same = {**gate, "champion_stored_val_digest": gate["val_digest"], "rescored": False,
             "champion_rescored_map_50": None, "champion_map_50": 0.9}
     results["registration"]["gate"] = same
