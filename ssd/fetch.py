@@ -255,9 +255,7 @@ def tree_identity(root: Path) -> dict[str, Any]:
     root = Path(root)
     digest, files, size = hashlib.sha256(), 0, 0
     for path in sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix()):
-        with open(path, "rb") as f:
-            file_hash = hashlib.file_digest(f, "sha256").digest()
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + file_hash)
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + bytes.fromhex(file_digest(path)))
         files, size = files + 1, size + path.stat().st_size
     return {"tree_sha256": digest.hexdigest(), "files": files, "bytes": size}
 
