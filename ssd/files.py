@@ -91,3 +91,40 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; the message names it (pid, host, since when)."""
+
+
+@contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+
+    The kernel releases an ``flock`` when its holder dies, so a killed process never leaves the
+    lock taken; the file's text (pid, host, start time) only names the holder in the refusal.
+    Raises LockHeld at once, without waiting, when another process holds it.
+    """
+    import fcntl
+    import socket
+    from datetime import datetime, timezone
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            raise LockHeld(f"held by {holder} (lock file {path})") from None
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()  # the lock goes with the close; an empty file names no one

@@ -11,10 +11,9 @@ rerun resumes from the newest one whose params match (all of base/data/model/tra
 ``train.epochs``), so ``dvc repro`` after a crash, or ``torchrun --max-restarts``, continue where
 the run stopped.
 
-Test-only fault injection: ``SSD_FAULT=nan@E:S`` makes the loss of epoch E (1-based), step S
-(1-based) NaN; ``SSD_FAULT=kill@E:S[:RANK]`` SIGKILLs the process there (every rank, or RANK only).
-Faults fire only in a first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a
-``torchrun --max-restarts`` restart runs clean.
+A second training in the same workspace is refused while the first runs (a lock beside the
+checkpoint folder names its holder); checkpoints of an earlier run are removed only once the new run
+has finished its first epoch, so a bad param or a crash at start loses nothing.
 """
 from __future__ import annotations
 
@@ -24,14 +23,13 @@ import hashlib
 import io
 import os
 import random
-import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -89,32 +87,38 @@ def resume_key(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Test-only fault injection (see the module docstring); read in this one place.
+# Step hooks: see a batch and its loss, or replace the loss (tests inject faults this way)
 
-@dataclass(frozen=True)
-class Fault:
-    kind: str
+@dataclass
+class TrainStep:
+    """What a step hook sees: the step (epoch and step count from 1), this process's batch
+    (``uint8 Tensor[b, 3, S, S]``), its loss before backward, and the module being trained."""
     epoch: int
     step: int
-    rank: int | None = None
-
-    def fire(self, epoch: int, step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
-        if (epoch, step) != (self.epoch, self.step) or self.rank not in (None, rank):
-            return loss
-        if self.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return loss * float("nan")
+    images: torch.Tensor
+    loss: torch.Tensor
+    model: nn.Module
 
 
-def parse_fault(spec: str | None) -> Fault | None:
-    """``"nan@2:1"`` -> ``Fault("nan", 2, 1)``; ``"kill@2:1:1"`` kills rank 1 only."""
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    kind, _, where = spec.partition("@")
-    parts = where.split(":")
-    if kind not in ("nan", "kill") or len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
-        raise ValueError(f"SSD_FAULT={spec!r}: expected nan@EPOCH:STEP or kill@EPOCH:STEP[:RANK]")
-    return Fault(kind, int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
+StepHook = Callable[[TrainStep], "torch.Tensor | None"]
+_step_hooks: list[StepHook] = []
+
+
+def register_step_hook(hook: StepHook) -> Callable[[], None]:
+    """Call ``hook(TrainStep)`` at every training step, between forward and backward.
+
+    A tensor returned replaces the loss (a test makes it NaN, say); ``None`` keeps it. Returns a
+    function that removes the hook.
+    """
+    _step_hooks.append(hook)
+    return lambda: _step_hooks.remove(hook) if hook in _step_hooks else None
+
+
+def _run_step_hooks(step: TrainStep) -> torch.Tensor:
+    for hook in list(_step_hooks):
+        replaced = hook(step)
+        step.loss = step.loss if replaced is None else replaced
+    return step.loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,14 +169,13 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, last_good: str) -> 
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, *, epoch: int, device: torch.device,
                     autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                    fault: Fault | None = None, progress: bool = False, last_good: str = "none",
+                    progress: bool = False, last_good: str = "none",
                     desc: str = "") -> dict[str, float]:
     """One pass over the loader; returns the epoch's metrics reduced over all ranks."""
     from tqdm import tqdm
 
     model.train()
     loader.sampler.set_epoch(epoch)
-    rank = dist.get_rank()
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     first_bad = torch.full((), sys.maxsize, dtype=torch.int64, device=device)
     start = time.perf_counter()
@@ -181,8 +184,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         loss, stats = forward_loss(model, images, labels, autocast_dtype=autocast_dtype, channels_last=channels_last)
-        if fault is not None:
-            loss = fault.fire(epoch, step, rank, loss)
+        if _step_hooks:
+            loss = _run_step_hooks(TrainStep(epoch, step, images, loss, model))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -233,7 +236,7 @@ def checkpoint_path(directory: Path, epoch: int) -> Path:
 def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, params: dict[str, Any], history: list[dict],
                     data_fingerprint: str, run_id: str) -> Path:
-    """Write ``epoch_NNNN.pt`` atomically and keep the newest KEEP_CHECKPOINTS."""
+    """Write ``epoch_NNNN.pt`` atomically (older checkpoints stay: see ``prune_checkpoints``)."""
     net = unwrap(model)
     path = checkpoint_path(directory, epoch)
     atomic_torch_save({
@@ -242,9 +245,16 @@ def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim
         "params": params, "history": history, "data_fingerprint": data_fingerprint,
         "code_fingerprint": code_fingerprint(), "mlflow_run_id": run_id,
     }, path)
+    return path
+
+
+def prune_checkpoints(directory: Path, keep: Path, stale: list[Path]) -> None:
+    """Delete an earlier run's checkpoints (``stale``) and all but the newest KEEP_CHECKPOINTS."""
+    for old in stale:
+        if old != keep:
+            old.unlink(missing_ok=True)
     for old in sorted(directory.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
-    return path
 
 
 def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: str) -> dict[str, Any] | None:
@@ -329,12 +339,12 @@ class Tracker:
         self.run_id = ""
 
     def start(self, *, uri: str, experiment: str, run_id: str | None, run_name: str, params: dict[str, Any],
-              tags: dict[str, str], data: Path, run_file: Path) -> None:
+              tags: dict[str, str], data: Path) -> None:
         if not self.active:
             return
         import mlflow
 
-        from .tracking import flatten_params, log_dataset_inputs, start_or_resume_run, write_run_file
+        from .tracking import flatten_params, log_dataset_inputs, start_or_resume_run
 
         run, resumed = start_or_resume_run(uri, experiment, run_id, run_name)
         self.run_id = run.info.run_id
@@ -342,7 +352,14 @@ class Tracker:
             mlflow.log_params(flatten_params(params))
         mlflow.set_tags(tags)
         log_dataset_inputs(data)  # the same name and digest again on a resume: MLflow keeps one
-        write_run_file(self.run_id, uri, run_file, experiment=experiment)
+        self.uri, self.experiment = uri, experiment
+
+    def write_run_file(self, path: Path) -> None:
+        """Name the run beside the model it made (written with the model, so the two always match)."""
+        if self.active:
+            from .tracking import write_run_file
+
+            write_run_file(self.run_id, self.uri, path, experiment=self.experiment)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None:
         if not self.active:
@@ -372,7 +389,7 @@ class Tracker:
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
+# The stage, in steps: build -> resume -> fit -> finish
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import add_params_arguments
@@ -397,138 +414,186 @@ def main(args: argparse.Namespace) -> int:
     info = dist.init_distributed()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        train(params, args, info)
+        with _workspace_lock(args.checkpoint_dir, info):
+            train(params, args, info)
     finally:  # leave the process as it was (tests call this in-process)
         torch.use_deterministic_algorithms(deterministic)
         dist.destroy_distributed()
     return 0
 
 
-def _settings(params: dict[str, Any], world_size: int) -> dict[str, Any]:
-    train = params.get("train") or {}
-    missing = [k for k in ("epochs", "batch_size", "lr", "weight_decay") if k not in train]
-    if missing:
-        raise ValueError(f"params train section lacks {', '.join(missing)}")
-    if int(train["epochs"]) < 1:
-        raise ValueError(f"train.epochs={train['epochs']}: must be >= 1")
-    if int(train["batch_size"]) % world_size:
-        raise ValueError(f"train.batch_size={train['batch_size']} is the global batch and must divide evenly "
-                         f"over {world_size} processes")
-    return train
+@dataclass
+class Setup:
+    """What one process trains with; built before any file or MLflow run is touched."""
+    info: dist.DistInfo
+    epochs: int
+    precision: str
+    channels_last: bool
+    dataset: DetectionDataset
+    fingerprint: str
+    model: TinySSD
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: torch.utils.data.DataLoader
+
+
+@dataclass
+class Progress:
+    """Where training stands: the epochs done so far and the MLflow run they belong to."""
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+    stale: list[Path] = field(default_factory=list)  # an earlier run's checkpoints, removed after epoch 1
 
 
 def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo) -> dict[str, Any]:
     """The whole stage; returns the final metrics (on every rank)."""
-    from .tracking import ensure_reachable, provenance, read_run_file, run_name, tracking_uri
+    from .tracking import ensure_reachable, provenance, run_name, tracking_uri
 
-    settings = _settings(params, info.world_size)
-    fault = parse_fault(os.environ.get("SSD_FAULT"))
-    device, main_proc = info.device, info.is_main
-    precision = resolve_precision(str(settings.get("precision", "auto")), device)
-    uri = ensure_reachable(tracking_uri()) if main_proc else ""  # before any training time is spent
-
-    if settings.get("deterministic"):
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = not settings.get("deterministic")
-    seed = int((params.get("base") or {}).get("seed", 0))
-    # The same seed on every rank: identical initial weights, and the sampler shards by rank itself.
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-    data_params = params.get("data") or {}
-    classes = list(data_params.get("classes", ["banana"]))
-    dataset = load_dataset(args.data, "train", int(data_params.get("image_size", 256)), classes)
-    check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
-    fingerprint = data_fingerprint(dataset)
-
-    model_params = params.get("model") or {}
-    model = TinySSD(num_classes=len(classes), sizes=model_params.get("sizes"), ratios=model_params.get("ratios"),
-                    classes=classes).to(device)
-    channels_last = bool(settings.get("channels_last"))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=float(settings["lr"]),
-                                weight_decay=float(settings["weight_decay"]))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # Rank 0 reads the checkpoint and hands it to the others: on several nodes only it has the files.
-    ckpt = None
-    if main_proc and not args.fresh:
-        ckpt = find_checkpoint(args.checkpoint_dir, params, fingerprint)
-    if main_proc and ckpt is None:  # a fresh start: older checkpoints belong to another run
-        for stale in args.checkpoint_dir.glob(CHECKPOINT_GLOB):
-            stale.unlink()
-    ckpt = dist.broadcast_object(ckpt)
-    history: list[dict[str, float]] = []
-    start_epoch, run_id = 0, None
-    if ckpt is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-        run_id = ckpt.get("mlflow_run_id") or None
-        if run_id is None and Path(args.run_file).is_file():
-            run_id = read_run_file(args.run_file)["run_id"]
-        if main_proc:
-            print(f"resuming from {ckpt['path']} (epoch {start_epoch})", file=sys.stderr)
-    del ckpt
-
-    epochs = int(settings["epochs"])
-    tracker = Tracker(main_proc)
-    origin = provenance(args.data) if main_proc else {}  # hashes the data: rank 0 only
-    tags = {**origin, "device": str(device), "device_name": _device_name(device),
-            "world_size": str(info.world_size), "nnodes": os.environ.get("GROUP_WORLD_SIZE", "1"),
-            "precision": precision, "train.epochs": str(epochs)}
-    tracker.start(uri=uri, experiment=args.experiment, run_id=run_id,
-                  run_name=run_name(origin.get("git_commit", "unknown")), params=params, tags=tags,
-                  data=args.data, run_file=args.run_file)
-
-    net: nn.Module = model
-    if settings.get("compile"):
-        net = torch.compile(net)
-    if info.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    loader = make_loader(dataset, int(settings["batch_size"]) // info.world_size, shuffle=True, seed=seed,
-                         rank=info.rank, world_size=info.world_size, num_workers=int(settings.get("num_workers", 0)),
-                         pin_memory=device.type == "cuda")
-    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last_good = str(checkpoint_path(args.checkpoint_dir, start_epoch)) if start_epoch else "none"
+    uri = ensure_reachable(tracking_uri()) if info.is_main else ""  # before any training time is spent
+    setup = build(params, args.data, info)
+    progress = resume(setup, params, args)
+    origin = provenance(args.data) if info.is_main else {}  # hashes the data: rank 0 only
+    tracker = Tracker(info.is_main)
+    tracker.start(uri=uri, experiment=args.experiment, run_id=progress.run_id,
+                  run_name=run_name(origin.get("git_commit", "unknown")), params=params,
+                  tags={**origin, **_run_tags(setup)}, data=args.data)
     try:
-        for epoch in range(start_epoch + 1, epochs + 1):
-            metrics = train_one_epoch(net, loader, optimizer, scaler, epoch=epoch, device=device,
-                                      autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last,
-                                      fault=fault, progress=main_proc, last_good=last_good,
-                                      desc=f"epoch {epoch}/{epochs}")
-            history.append({"epoch": epoch, **metrics})
-            if main_proc:
-                path = save_checkpoint(args.checkpoint_dir, model=model, optimizer=optimizer, scaler=scaler,
-                                       epoch=epoch, params=params, history=history, data_fingerprint=fingerprint,
-                                       run_id=tracker.run_id)
-                last_good = str(path)
-                atomic_write_text(args.history_out, history_csv(history))
-                tracker.log_epoch(epoch, metrics, path)
-                print(f"epoch {epoch}/{epochs}: loss {metrics['loss']:.3e}, class err {metrics['class_err']:.2e}, "
-                      f"bbox mae {metrics['bbox_mae']:.2e}, {metrics['examples_per_sec']:.1f} examples/sec",
-                      file=sys.stderr, flush=True)
-        final = {**history[-1], "epochs": epochs, "world_size": info.world_size, "device": str(device),
-                 "compute_dtype": precision,  # not "precision": eval.json has that metric
-                 "mean_examples_per_sec": sum(h["examples_per_sec"] for h in history) / len(history)}
-        if main_proc:
-            atomic_write_text(args.history_out, history_csv(history))
-            atomic_save_figure(curve_figure(history, epochs), args.curve_out, dpi=100)
-            tracker.log_artifact(args.curve_out)
-            save_model(model, args.model_out, params=params, history=history, mlflow_run_id=tracker.run_id)
-            atomic_write_json(args.metrics_out, {**final, "provenance": origin})
-            print(f"class err {final['class_err']:.2e}, bbox mae {final['bbox_mae']:.2e}\n"
-                  f"{final['examples_per_sec']:.1f} examples/sec on {device} x {info.world_size} ({precision})")
+        fit(setup, progress, params, args, tracker)
+        final = finish(setup, progress, params, args, tracker, origin)
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end()
     return final
+
+
+def build(params: dict[str, Any], data: Path, info: dist.DistInfo) -> Setup:
+    """Data, model, optimizer and loader for this process, with the params' seed and precision."""
+    settings = params["train"]
+    if settings["batch_size"] % info.world_size:
+        raise ValueError(f"train.batch_size={settings['batch_size']} is the global batch and must divide evenly "
+                         f"over {info.world_size} processes")
+    device = info.device
+    precision = resolve_precision(settings["precision"], device)
+    _seed_everything(params["base"]["seed"], settings["deterministic"])
+
+    classes = list(params["data"]["classes"])
+    dataset = load_dataset(data, "train", params["data"]["image_size"], classes)
+    check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
+    model = TinySSD(num_classes=len(classes), sizes=params["model"]["sizes"], ratios=params["model"]["ratios"],
+                    classes=classes).to(device)
+    if settings["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
+                                weight_decay=settings["weight_decay"])
+    loader = make_loader(dataset, settings["batch_size"] // info.world_size, shuffle=True,
+                         seed=params["base"]["seed"], rank=info.rank, world_size=info.world_size,
+                         num_workers=settings["num_workers"], pin_memory=device.type == "cuda")
+    return Setup(info=info, epochs=settings["epochs"], precision=precision, channels_last=settings["channels_last"],
+                 dataset=dataset, fingerprint=data_fingerprint(dataset), model=model, optimizer=optimizer,
+                 scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), loader=loader)
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    # The same seed on every rank: identical initial weights, and the sampler shards by rank itself.
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def resume(setup: Setup, params: dict[str, Any], args: argparse.Namespace) -> Progress:
+    """Load the newest matching checkpoint into ``setup`` (every rank), or start at epoch 0."""
+    from .tracking import read_run_file
+
+    progress = Progress()
+    ckpt = None
+    # Rank 0 reads the checkpoint and hands it to the others: on several nodes only it has the files.
+    if setup.info.is_main:
+        ckpt = None if args.fresh else find_checkpoint(args.checkpoint_dir, params, setup.fingerprint)
+        if ckpt is None:  # kept until this run has a checkpoint of its own
+            progress.stale = sorted(args.checkpoint_dir.glob(CHECKPOINT_GLOB))
+    ckpt = dist.broadcast_object(ckpt)
+    if ckpt is None:
+        return progress
+    setup.model.load_state_dict(ckpt["model"])
+    setup.optimizer.load_state_dict(ckpt["optimizer"])
+    setup.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    progress.epoch, progress.history = int(ckpt["epoch"]), list(ckpt["history"])
+    progress.run_id = ckpt.get("mlflow_run_id") or None
+    if progress.run_id is None and Path(args.run_file).is_file():
+        progress.run_id = read_run_file(args.run_file)["run_id"]
+    if setup.info.is_main:
+        print(f"resuming from {ckpt['path']} (epoch {progress.epoch})", file=sys.stderr)
+    return progress
+
+
+def parallel(model: nn.Module, info: dist.DistInfo, compile: bool) -> nn.Module:
+    """The module the loop calls: DDP across processes, then compiled (DDP's documented order)."""
+    net = model
+    if info.world_size > 1:
+        device = info.device
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(net) if compile else net
+
+
+def fit(setup: Setup, progress: Progress, params: dict[str, Any], args: argparse.Namespace, tracker: Any) -> None:
+    """Train from ``progress.epoch + 1`` to ``setup.epochs``, with a checkpoint after every epoch."""
+    net = parallel(setup.model, setup.info, params["train"]["compile"])
+    main_proc = setup.info.is_main
+    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last_good = str(checkpoint_path(args.checkpoint_dir, progress.epoch)) if progress.epoch else "none"
+    for epoch in range(progress.epoch + 1, setup.epochs + 1):
+        metrics = train_one_epoch(net, setup.loader, setup.optimizer, setup.scaler, epoch=epoch,
+                                  device=setup.info.device, autocast_dtype=AUTOCAST_DTYPES[setup.precision],
+                                  channels_last=setup.channels_last, progress=main_proc, last_good=last_good,
+                                  desc=f"epoch {epoch}/{setup.epochs}")
+        progress.epoch = epoch
+        progress.history.append({"epoch": epoch, **metrics})
+        if not main_proc:
+            continue
+        path = save_checkpoint(args.checkpoint_dir, model=setup.model, optimizer=setup.optimizer,
+                               scaler=setup.scaler, epoch=epoch, params=params, history=progress.history,
+                               data_fingerprint=setup.fingerprint, run_id=tracker.run_id)
+        prune_checkpoints(args.checkpoint_dir, keep=path, stale=progress.stale)
+        progress.stale, last_good = [], str(path)
+        atomic_write_text(args.history_out, history_csv(progress.history))
+        tracker.log_epoch(epoch, metrics, path)
+        print(f"epoch {epoch}/{setup.epochs}: loss {metrics['loss']:.3e}, class err {metrics['class_err']:.2e}, "
+              f"bbox mae {metrics['bbox_mae']:.2e}, {metrics['examples_per_sec']:.1f} examples/sec",
+              file=sys.stderr, flush=True)
+
+
+def finish(setup: Setup, progress: Progress, params: dict[str, Any], args: argparse.Namespace, tracker: Any,
+           origin: dict[str, str]) -> dict[str, Any]:
+    """The model, the metrics and the curve (rank 0 writes); returns the final metrics."""
+    history, device = progress.history, setup.info.device
+    final = {**history[-1], "epochs": setup.epochs, "world_size": setup.info.world_size, "device": str(device),
+             "compute_dtype": setup.precision,  # not "precision": eval.json has that metric
+             "mean_examples_per_sec": sum(h["examples_per_sec"] for h in history) / len(history)}
+    if not setup.info.is_main:
+        return final
+    atomic_write_text(args.history_out, history_csv(history))
+    atomic_save_figure(curve_figure(history, setup.epochs), args.curve_out, dpi=100)
+    tracker.log_artifact(args.curve_out)
+    save_model(setup.model, args.model_out, params=params, history=history, mlflow_run_id=tracker.run_id)
+    tracker.write_run_file(args.run_file)
+    atomic_write_json(args.metrics_out, {**final, "provenance": origin})
+    print(f"class err {final['class_err']:.2e}, bbox mae {final['bbox_mae']:.2e}\n"
+          f"{final['examples_per_sec']:.1f} examples/sec on {device} x {setup.info.world_size} ({setup.precision})")
+    return final
+
+
+def _run_tags(setup: Setup) -> dict[str, str]:
+    device = setup.info.device
+    return {"device": str(device), "device_name": _device_name(device), "world_size": str(setup.info.world_size),
+            "nnodes": os.environ.get("GROUP_WORLD_SIZE", "1"), "precision": setup.precision,
+            "train.epochs": str(setup.epochs)}
 
 
 def _device_name(device: torch.device) -> str:
@@ -538,3 +603,20 @@ def _device_name(device: torch.device) -> str:
 
     return platform.processor() or platform.machine()
 
+
+@contextmanager
+def _workspace_lock(checkpoint_dir: Path, info: dist.DistInfo) -> Iterator[None]:
+    """One training per checkpoint folder at a time: rank 0 holds the lock, every rank learns the outcome."""
+    from .files import LockHeld, exclusive_lock
+
+    with ExitStack() as stack:
+        refusal = None
+        if info.is_main:
+            try:
+                stack.enter_context(exclusive_lock(checkpoint_dir.with_name(checkpoint_dir.name + ".lock")))
+            except LockHeld as exc:
+                refusal = f"another training is using {checkpoint_dir}: {exc}"
+        refusal = dist.broadcast_object(refusal)
+        if refusal:
+            raise RuntimeError(refusal)
+        yield

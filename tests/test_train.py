@@ -11,8 +11,9 @@ import torch
 
 from ssd.cli import main as cli_main
 from ssd.model import load_model
-from ssd.train import (Fault, _settings, data_fingerprint, parse_fault, resolve_precision, resume_key)
-from tiny_data import make_project, train_env
+from ssd.train import data_fingerprint, register_step_hook, resolve_precision, resume_key
+from faults import fault_hook
+from tiny_data import FAULTS, make_project, train_env
 
 
 def _state(path):
@@ -71,19 +72,24 @@ def test_train_outputs_then_resume_extends_the_same_run(tmp_path, monkeypatch, m
 
 
 def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run(tmp_path, mlflow_server):
-    cmd = [sys.executable, "-m", "ssd", "train"]
-    whole = make_project(tmp_path / "whole")
-    subprocess.run(cmd, cwd=whole, env=train_env(mlflow_server), check=True, capture_output=True, timeout=300)
+    # Momentum and an RNG-dependent step: a resume that skipped the optimizer's or the RNG's state
+    # would not match the uninterrupted run.
+    cmd = [sys.executable, FAULTS]
+    whole = make_project(tmp_path / "whole", momentum=0.9)
+    subprocess.run(cmd, cwd=whole, env=train_env(mlflow_server, SSD_TEST_FAULT="rng"), check=True,
+                   capture_output=True, timeout=300)
 
-    crashed = make_project(tmp_path / "crashed")
-    killed = subprocess.run(cmd, cwd=crashed, env=train_env(mlflow_server, SSD_FAULT="kill@2:1"),
+    crashed = make_project(tmp_path / "crashed", momentum=0.9)
+    killed = subprocess.run(cmd, cwd=crashed, env=train_env(mlflow_server, SSD_TEST_FAULT="rng,kill@2:1"),
                             capture_output=True, timeout=300)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert not (crashed / "models/model.pt").exists()
     assert sorted(p.name for p in (crashed / "models/checkpoints").glob("*.pt")) == ["epoch_0001.pt"]
-    run_id = json.loads((crashed / "models/mlflow_run.json").read_text())["run_id"]
+    run_id = torch.load(crashed / "models/checkpoints/epoch_0001.pt", weights_only=True)["mlflow_run_id"]
+    assert not (crashed / "models/mlflow_run.json").exists()  # written with the model, never without it
 
-    rerun = subprocess.run(cmd, cwd=crashed, env=train_env(mlflow_server), capture_output=True, timeout=300)
+    rerun = subprocess.run(cmd, cwd=crashed, env=train_env(mlflow_server, SSD_TEST_FAULT="rng"),
+                           capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
     assert "resuming from" in rerun.stderr.decode()
     assert json.loads((crashed / "models/mlflow_run.json").read_text())["run_id"] == run_id
@@ -99,7 +105,7 @@ def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tm
     project = make_project(tmp_path / "p")
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("SSD_FAULT", "nan@2:1")
+    monkeypatch.setattr("ssd.train._step_hooks", [fault_hook("nan@2:1")])
     monkeypatch.setenv("SSD_DEBUG", "1")  # let the CLI re-raise instead of printing
     with pytest.raises(RuntimeError, match=r"non-finite loss at epoch 2 step 1.*epoch_0001\.pt"):
         cli_main(["train"])
@@ -107,7 +113,7 @@ def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tm
     good = torch.load(project / "models/checkpoints/epoch_0001.pt", weights_only=True)
     assert good["epoch"] == 1 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
     assert not (project / "models/model.pt").exists() and not (project / "reports/train.json").exists()
-    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    run_id = good["mlflow_run_id"]
     assert mlflow.MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
 
 
@@ -120,11 +126,7 @@ def test_cli_reports_user_errors(tmp_path, monkeypatch, capsys):
     assert "train.precision='fp8'" in capsys.readouterr().err
 
 
-def test_settings_and_precision():
-    params = {"train": {"epochs": 1, "batch_size": 32, "lr": 0.2, "weight_decay": 5e-4}}
-    assert _settings(params, 4)["batch_size"] == 32
-    with pytest.raises(ValueError, match="batch_size=32 is the global batch.*3 processes"):
-        _settings(params, 3)
+def test_precision_and_resume_key():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     assert resolve_precision("auto", cpu) in ("fp32", "bf16")
@@ -136,17 +138,20 @@ def test_settings_and_precision():
     assert resume_key(a) != resume_key({**a, "train": {"epochs": 5, "lr": 0.1}})
 
 
-def test_fault_spec(monkeypatch):
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert parse_fault(None) is None
-    assert parse_fault("nan@2:3") == Fault("nan", 2, 3)
-    assert parse_fault("kill@1:2:1") == Fault("kill", 1, 2, 1)
-    with pytest.raises(ValueError, match="SSD_FAULT='boom'"):
-        parse_fault("boom")
-    loss = torch.tensor(1.0)
-    assert torch.isnan(Fault("nan", 2, 3).fire(2, 3, 0, loss)) and Fault("nan", 2, 3).fire(2, 4, 0, loss) == 1
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart runs clean
-    assert parse_fault("kill@1:1") is None
+def test_step_hooks_see_every_step_until_removed(tmp_path, monkeypatch, mlflow_server):
+    from ssd import train
+
+    project = make_project(tmp_path / "p", images=8, batch_size=4)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    seen = []
+    remove = register_step_hook(lambda s: seen.append((s.epoch, s.step, len(s.images), s.loss.ndim)))
+    try:
+        assert cli_main(["train"]) == 0
+    finally:
+        remove()
+    remove()  # twice is harmless
+    assert seen == [(1, 1, 4, 0), (1, 2, 4, 0), (2, 1, 4, 0), (2, 2, 4, 0)] and train._step_hooks == []
 
 
 def test_data_fingerprint_tracks_labels(tmp_path):

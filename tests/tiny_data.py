@@ -53,12 +53,17 @@ def make_project(root: Path, *, images: int = 8, size: int = 64, **train: object
     return root
 
 
+FAULTS = str(Path(__file__).with_name("faults.py"))  # `ssd train` with test faults (see faults.py)
+
+
 def train_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     """The environment for a training subprocess: two threads at most, the given MLflow server."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSD_FAULT", "TORCHELASTIC"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSD_TEST_FAULT", "TORCHELASTIC"))}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    # faults.py imports the tests' helpers and the package from the checkout under test.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     return env
 
 
