@@ -14,7 +14,7 @@ from ssd import distributed
 from ssd.model import TinySSD
 from ssd.train import forward_loss
 from servers import free_port
-from tiny_data import make_project, torchrun, train_env
+from tiny_data import FAULTS, make_project, torchrun, train_env
 
 
 def _batch(n: int = 8, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +103,42 @@ def test_two_nodes_rendezvous_and_train(tmp_path, mlflow_server):
 
 def test_killed_worker_recovers_from_checkpoint_under_max_restarts(tmp_path, mlflow_server):
     project = make_project(tmp_path / "p", epochs=2)
-    done = subprocess.run([torchrun(), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-                           "-m", "ssd", "train"],
-                          cwd=project, env=train_env(mlflow_server, SSD_FAULT="kill@2:1:1"),
+    done = subprocess.run([torchrun(), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", FAULTS],
+                          cwd=project, env=train_env(mlflow_server, SSD_TEST_FAULT="kill@2:1:1"),
                           capture_output=True, timeout=300)
     log = done.stderr.decode()
     assert done.returncode == 0, log[-3000:]
     assert "resuming from" in log and "epoch_0001.pt" in log  # the restart continued from epoch 1
     assert [r["epoch"] for r in _history(project)] == ["1", "2"]
     assert json.loads((project / "reports/train.json").read_text())["epochs"] == 2
+
+
+def test_two_processes_share_the_data_and_keep_identical_weights(tmp_path, mlflow_server):
+    """Each rank trains on its own shard of every epoch, and DDP keeps the ranks' weights equal:
+    without the sampler's sharding both ranks would see the same images, without DDP the weights
+    would drift apart from the second step on."""
+    project = make_project(tmp_path / "p", images=8, epochs=2, batch_size=4)
+    steps = tmp_path / "steps"
+    done = subprocess.run([torchrun(), "--standalone", "--nproc-per-node", "2", FAULTS], cwd=project,
+                          env=train_env(mlflow_server, SSD_TEST_FAULT=f"record@{steps}"), capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ranks = [[json.loads(line) for line in (steps / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [(s["epoch"], s["step"]) for s in ranks[0]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [s["weights"] for s in ranks[0]] == [s["weights"] for s in ranks[1]]
+    assert len({s["weights"] for s in ranks[0]}) == 4  # and they did train
+    for epoch in (1, 2):
+        seen = [[img for s in rank if s["epoch"] == epoch for img in s["images"]] for rank in ranks]
+        assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+        assert len(set(seen[0]) | set(seen[1])) == 8  # together, every training image once
+
+
+def test_nonfinite_loss_on_one_rank_stops_both(tmp_path, mlflow_server):
+    project = make_project(tmp_path / "p", images=8, epochs=2, batch_size=4)
+    done = subprocess.run([torchrun(), "--standalone", "--nproc-per-node", "2", FAULTS], cwd=project,
+                          env=train_env(mlflow_server, SSD_TEST_FAULT="nan@2:1:1"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    # Both ranks stop with the same message (each prints it), neither hangs in a collective.
+    assert done.stderr.count("ssd train: error: non-finite loss at epoch 2 step 1") == 2, done.stderr[-3000:]
+    assert "epoch_0001.pt" in done.stderr and not (project / "models/model.pt").exists()
