@@ -37,14 +37,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from ssd.fetch import FINGERPRINT_FILE, fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.files import atomic_write_text
-from ssd.params import apply_overrides
+from ssd.params import apply_overrides, check_params, parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("fetch", "validate", "train", "evaluate", "register")
@@ -196,10 +195,11 @@ def flow_overrides(overrides: list[str] | None, nproc: int | None, source: str |
 def write_params(path: str | Path, overrides: list[str]) -> list[str]:
     """Apply ``key.sub=value`` overrides to the params file in place, keeping its comments.
 
-    ``ssd.params.apply_overrides`` checks the keys and parses the values (one implementation for the
-    CLI and the flow); only the overridden keys are then set in a round-trip copy of the file, which
-    is written atomically. Returns the overrides that changed something (the file is not touched
-    when none did).
+    ``ssd.params.apply_overrides`` checks the keys and parses the values, and the result must pass
+    the params schema (one implementation for the CLI and the flow: a bad value fails here, before
+    any stage runs, and the file is left as it was); only the overridden keys are then set in a
+    round-trip copy of the file, which is written atomically. Returns the overrides that changed
+    something (the file is not touched when none did).
     """
     from ruamel.yaml import YAML
 
@@ -207,8 +207,8 @@ def write_params(path: str | Path, overrides: list[str]) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     text = path.read_text()
-    old = yaml.safe_load(text) or {}
-    new = apply_overrides(old, overrides, source=str(path))
+    old = parse_yaml(text, str(path)) or {}
+    new = check_params(apply_overrides(old, overrides, source=str(path)), str(path), overrides)
     rt = YAML()
     rt.preserve_quotes = True
     doc = rt.load(text)

@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-LABEL_COLUMNS = ["img_name", "label", "xmin", "ymin", "xmax", "ymax"]
-LABEL_FILES = ("label.csv", "labels.csv")
-SPLITS = {"train": ("bananas_train", "train"), "val": ("bananas_val", "val", "test")}
+from .layout import IMAGES_DIR, LABEL_COLUMNS, LABEL_FILE, SPLIT_DIRS
+
+LABEL_FILES = (LABEL_FILE, "labels.csv")
+SPLITS = {"train": (SPLIT_DIRS["train"], "train"), "val": (SPLIT_DIRS["val"], "val", "test")}
 
 
 def find_split(root: str | Path, split: str) -> Path:
@@ -30,7 +31,7 @@ def find_split(root: str | Path, split: str) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    if (root / "images").is_dir():
+    if (root / IMAGES_DIR).is_dir():
         return root
     for name in SPLITS.get(split, (split,)):
         if (root / name).is_dir():
@@ -50,7 +51,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label file not found: {path}")
-    table = pd.read_csv(path, dtype={"img_name": str, "label": str})
+    table = pd.read_csv(path, dtype={LABEL_COLUMNS[0]: str, LABEL_COLUMNS[1]: str})
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (header must be {','.join(LABEL_COLUMNS)})")
@@ -94,7 +95,7 @@ def read_split(split_dir: str | Path, image_size: int = 256, classes: Sequence[s
     """
     split_dir = Path(split_dir)
     table = read_labels(label_file(split_dir))
-    names = list(dict.fromkeys(table["img_name"]))
+    names = list(dict.fromkeys(table[LABEL_COLUMNS[0]]))
     rows_by_image: dict[str, list[list[float]]] = {name: [] for name in names}
     for row_no, row in enumerate(table.itertuples(index=False), start=2):  # row 1 is the header
         where = f"{label_file(split_dir)} row {row_no}"
@@ -105,7 +106,7 @@ def read_split(split_dir: str | Path, image_size: int = 256, classes: Sequence[s
     max_objects = max((len(r) for r in rows_by_image.values()), default=0)
     labels = torch.full((len(names), max_objects, 5), -1.0)
     for i, name in enumerate(names):
-        path = split_dir / "images" / name
+        path = split_dir / IMAGES_DIR / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: image listed in the label file is missing")
         images[i], (width, height) = load_image(path, image_size)

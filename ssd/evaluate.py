@@ -35,9 +35,11 @@ import torch
 from .anchors import multibox_target
 from .boxes import box_iou
 from .files import atomic_dir, atomic_save_figure, atomic_write_json, atomic_write_text
+from .layout import DATASET_DIR
 from .loss import bbox_eval, cls_eval
 from .predict import decode_outputs, draw_detections, to_pixels
 
+PARAMS = ("evaluate", "data.classes", "data.image_size")  # what the stage reads (dvc.yaml lists them)
 MATCH_IOU = 0.5
 MAX_DETECTIONS = 100  # COCO's largest maxDets: more would not change mAP
 CURVE_THRESHOLDS = [i / 100 for i in range(101)]
@@ -311,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import add_params_arguments
 
     parser.add_argument("--model", default="models/model.pt", help="model file (default: %(default)s)")
-    parser.add_argument("--data", default="data/raw/banana-detection", help="dataset root (default: %(default)s)")
+    parser.add_argument("--data", default=f"data/raw/{DATASET_DIR}", help="dataset root (default: %(default)s)")
     parser.add_argument("--reports", default="reports", help="reports folder (default: %(default)s)")
     parser.add_argument("--run-file", default="models/mlflow_run.json",
                         help="the training's MLflow run (default: %(default)s)")
@@ -319,8 +321,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .params import load_params
+    from .params import load_params, select_params
 
-    metrics = evaluate(load_params(args.params, args.set), args.model, args.data, args.reports, args.run_file)
+    params = select_params(load_params(args.params, args.set), PARAMS)
+    metrics = evaluate(params, args.model, args.data, args.reports, args.run_file)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())))
     return 0

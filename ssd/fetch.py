@@ -41,9 +41,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, TypeVar
 
 from ssd.files import atomic_dir, atomic_write_json, file_digest
+from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, SPLIT_DIRS
 
-DATASET_DIR = "banana-detection"
-SPLIT_DIRS = ("bananas_train", "bananas_val")
+# The params each stage reads (dvc.yaml lists them; tests/test_dvc_deps.py compares).
+SOURCE_PARAMS = ("data.source", "data.url", "data.synthetic", "data.image_size")
+FETCH_PARAMS = ("data.source", "data.url", "data.sha1", "data.synthetic", "data.image_size")
 CONNECT_TIMEOUT = 8.0        # seconds; an offline machine falls back to synthetic data this fast
 RETRIES = 3                  # for transient failures only (timeouts mid-transfer, 5xx, resets)
 MAX_TOTAL_BYTES = 4 << 30    # 4 GiB unpacked: the real archive is far smaller
@@ -210,13 +212,13 @@ def safe_extract(archive: Path, dest: Path) -> int:
 def _check_layout(root: Path) -> dict[str, dict[str, int]]:
     """File counts per split; ``ValueError`` unless the banana layout is there."""
     counts = {}
-    for split in SPLIT_DIRS:
+    for split in SPLIT_DIRS.values():
         d = root / DATASET_DIR / split
-        if not (d / "images").is_dir() or not (d / "label.csv").is_file():
-            raise ValueError(f"archive does not have the banana layout: missing {DATASET_DIR}/{split}/images "
-                             f"or {DATASET_DIR}/{split}/label.csv")
-        rows = sum(1 for line in (d / "label.csv").read_text().splitlines()[1:] if line.strip())
-        counts[split] = {"images": sum(1 for p in (d / "images").iterdir() if p.is_file()), "label_rows": rows}
+        if not (d / IMAGES_DIR).is_dir() or not (d / LABEL_FILE).is_file():
+            raise ValueError(f"archive does not have the banana layout: missing {DATASET_DIR}/{split}/{IMAGES_DIR} "
+                             f"or {DATASET_DIR}/{split}/{LABEL_FILE}")
+        rows = sum(1 for line in (d / LABEL_FILE).read_text().splitlines()[1:] if line.strip())
+        counts[split] = {"images": sum(1 for p in (d / IMAGES_DIR).iterdir() if p.is_file()), "label_rows": rows}
     return counts
 
 
@@ -302,7 +304,7 @@ def probe_url(url: str, *, timeout: float = CONNECT_TIMEOUT, retries: int = RETR
     return _with_retries(url, hash_body, "download of", retries, backoff)
 
 
-def source_fingerprint(source: str | None = None, params: dict[str, Any] | None = None,
+def source_fingerprint(source: str | None, params: dict[str, Any],
                        previous: dict[str, Any] | None = None, *, timeout: float = CONNECT_TIMEOUT,
                        retries: int = RETRIES, backoff: float = 1.0) -> dict[str, Any]:
     """A small, stable description of what ``fetch(source)`` would get now; it changes exactly when that does.
@@ -314,16 +316,16 @@ def source_fingerprint(source: str | None = None, params: dict[str, Any] | None 
     out of retries) but ``previous`` is this same source's fingerprint, ``previous`` is returned
     with a warning: an outage is not a new dataset, and must not swap real data for generated.
     """
-    data = (params or {}).get("data", {})
-    source = source or data.get("source", "auto")
+    data = params["data"]
+    source = source or data["source"]
     kind = source_kind(source)
-    generated = {"synthetic": dict(data.get("synthetic") or {}), "image_size": int(data.get("image_size", 256))}
+    generated = {"synthetic": dict(data["synthetic"]), "image_size": data["image_size"]}
     if kind == "synthetic":
         return {"source": source, "kind": kind, **generated}
     if kind in ("file", "folder"):
         return {"source": source, "kind": kind,
                 **(file_identity(Path(source)) if kind == "file" else tree_identity(Path(source)))}
-    url = source if kind == "url" else data.get("url")
+    url = source if kind == "url" else data["url"]
     if not url:
         raise ValueError("params data.url is empty: no URL for the d2l archive")
     resolved = "url" if kind == "url" else "d2l"
@@ -414,7 +416,7 @@ def fetch_reason(previous: dict[str, Any] | None, current: dict[str, Any] | None
     return {"fetched": True, "reason": reason, "fingerprint": current}
 
 
-def check_source(source: str | None = None, params: dict[str, Any] | None = None,
+def check_source(source: str | None, params: dict[str, Any],
                  out: str | Path = FINGERPRINT_FILE, data_dir: str | Path = "data/raw",
                  **probe: Any) -> dict[str, Any]:
     """The `source` stage: write the source's fingerprint to ``out`` (atomically, only when it changed).
@@ -444,10 +446,8 @@ def _generate(work: Path, synth: dict[str, Any], image_size: int, progress: bool
     from ssd.synthetic import generate_archive
 
     archive = work / "synthetic-banana-detection.zip"
-    generate_archive(archive, seed=int(synth.get("seed", 0)), train=int(synth.get("train", 1000)),
-                     val=int(synth.get("val", 100)), image_size=image_size,
-                     max_objects=int(synth.get("max_objects", 1)),
-                     classes=list(synth.get("classes", ["banana"])), progress=progress)
+    generate_archive(archive, seed=synth["seed"], train=synth["train"], val=synth["val"], image_size=image_size,
+                     max_objects=synth["max_objects"], classes=synth["classes"], progress=progress)
     return archive
 
 
@@ -455,8 +455,7 @@ def _generate(work: Path, synth: dict[str, Any], image_size: int, progress: bool
 _RESOLVES_TO = {"d2l": "d2l", "unreachable": "synthetic", "synthetic": "synthetic", "url": "url", "file": "file"}
 
 
-def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = "data/raw",
-          params: dict[str, Any] | None = None, *, progress: bool = True,
+def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[str, Any], *, progress: bool = True,
           fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fetch the dataset into ``out`` (``out/banana-detection/...`` and ``out/manifest.json``).
 
@@ -469,10 +468,10 @@ def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = 
     folder source, an archive that changed since the check), ``FileNotFoundError`` (missing zip) or
     ``RuntimeError`` (download failed); ``out`` is then untouched.
     """
-    data = (params or {}).get("data", {})
-    source = source or data.get("source", "auto")
-    synth = dict(data.get("synthetic") or {})
-    image_size = int(data.get("image_size", 256))
+    data = params["data"]
+    source = source or data["source"]
+    synth = dict(data["synthetic"])
+    image_size = data["image_size"]
     out = Path(out)
     kind = source_kind(source)
     if kind == "folder":
@@ -487,10 +486,10 @@ def fetch(source: str | None = None, sha1: str | None = None, out: str | Path = 
         work = Path(work_dir)
         expected = sha1
         if kind in ("auto", "d2l"):
-            url = data.get("url")
+            url = data["url"]
             if not url:
                 raise ValueError("params data.url is empty: no URL for the d2l archive")
-            expected = sha1 or data.get("sha1")
+            expected = sha1 or data["sha1"]
             archive = work / Path(urllib.parse.urlparse(url).path).name
             try:
                 computed = download(url, archive, progress=progress)
@@ -555,9 +554,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssd.params import load_params
+    from ssd.params import load_params, select_params
 
-    params = load_params(args.params, args.set)
+    params = select_params(load_params(args.params, args.set), FETCH_PARAMS)
     fingerprint = None
     if args.fingerprint:
         fingerprint = read_fingerprint(args.fingerprint)
@@ -582,8 +581,9 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def source_main(args: argparse.Namespace) -> int:
-    from ssd.params import load_params
+    from ssd.params import load_params, select_params
 
-    result = check_source(args.source, load_params(args.params, args.set), args.out, args.data)
+    params = select_params(load_params(args.params, args.set), SOURCE_PARAMS)
+    result = check_source(args.source, params, args.out, args.data)
     print(f"{result['change']}; {args.out} " + ("written" if result["written"] else "unchanged"))
     return 0

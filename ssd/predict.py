@@ -197,12 +197,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from .params import load_params
 
-    params = load_params(args.params, args.set) if Path(args.params).is_file() else {}
-    evaluate = params.get("evaluate", {})
-    threshold = args.threshold if args.threshold is not None else float(evaluate.get("threshold", 0.9))
-    results = predict_files(args.images, args.model, threshold, args.out,
-                            image_size=int(params.get("data", {}).get("image_size", 256)),
-                            nms_threshold=float(evaluate.get("nms_threshold", 0.5)))
+    params = load_params(args.params, args.set)
+    evaluate = params["evaluate"]
+    threshold = args.threshold if args.threshold is not None else evaluate["threshold"]
+    results = predict_files(args.images, args.model, threshold, args.out, image_size=params["data"]["image_size"],
+                            nms_threshold=evaluate["nms_threshold"])
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

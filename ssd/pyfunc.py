@@ -65,11 +65,11 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):  # noqa: ANN001
         from ssd.model import load_model
 
-        config = context.model_config or {}
+        config = context.model_config  # written by ssd.registry.log_pyfunc from the validated params
         self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT])
-        self.image_size = int(config.get("image_size", 256))
-        self.nms_threshold = float(config.get("nms_threshold", 0.5))
-        self.threshold = float(config.get("threshold", 0.9))
+        self.image_size = int(config["image_size"])
+        self.nms_threshold = float(config["nms_threshold"])
+        self.threshold = float(config["threshold"])
 
     # The DataFrame type hint is one MLflow knows it cannot infer a schema from: it checks nothing
     # itself and leaves that to the explicit signature below. Without any hint it warns at every

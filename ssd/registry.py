@@ -31,6 +31,8 @@ from .tracking import PROVENANCE_KEYS, read_run_file, split_digest
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
 MODEL_ARTIFACT = "model"    # the logged model's name inside the run
+# What the register stage reads (dvc.yaml lists them): re-scoring a champion uses the evaluate settings.
+PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "data.image_size", "data.classes")
 VAL_DIGEST = "val_digest"   # version tag: the validation split its val_* metrics were computed on
 
 
@@ -131,10 +133,9 @@ def champion_of(client: Any, name: str) -> Any | None:
 def validation_split(data_dir: str | Path) -> Path:
     """The validation split folder under ``data_dir`` (``data/raw``, or a dataset root itself)."""
     from .data import find_split
-    from .fetch import DATASET_DIR
+    from .layout import dataset_root
 
-    root = Path(data_dir)
-    return find_split(root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root, "val")
+    return find_split(dataset_root(data_dir), "val")
 
 
 def rescore_version(name: str, version: int | str, params: dict[str, Any], split_dir: str | Path) -> dict[str, Any]:
@@ -310,10 +311,10 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register_main(args: argparse.Namespace) -> int:
-    from .params import load_params
+    from .params import load_params, select_params
 
-    record = _registry_call(register, load_params(args.params, args.set), args.model, args.eval,
-                            args.run_file, args.out)
+    params = select_params(load_params(args.params, args.set), PARAMS)
+    record = _registry_call(register, params, args.model, args.eval, args.run_file, args.out)
     print(json.dumps(record, indent=2))
     return 0
 

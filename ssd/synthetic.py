@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-ROOT = "banana-detection"
-SPLIT_DIRS = {"train": "bananas_train", "val": "bananas_val"}
+from .layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, LABEL_HEADER, SPLIT_DIRS
+
 # Box statistics of the real archive (see README "Data"): sides in pixels, aspect = width / height.
 MIN_SIDE, MAX_SIDE = 32, 75
 MIN_ASPECT, MAX_ASPECT = 0.65, 1.4
@@ -261,14 +261,14 @@ def generate_archive(path: str | Path, *, seed: int = 0, train: int = 1000, val:
     bar = tqdm(total=train + val, desc="generating bananas", unit="img", disable=not progress)
     with zipfile.ZipFile(path, "w") as zf:
         for split_no, (split, n) in enumerate(counts.items()):
-            rows = ["img_name,label,xmin,ymin,xmax,ymax"]
+            rows = [LABEL_HEADER]
             for i in range(n):
                 rng = np.random.default_rng([seed, split_no, i])
                 out = render_image(rng, image_size, classes, max_objects)
-                _add(zf, f"{ROOT}/{SPLIT_DIRS[split]}/images/{i}.png", _png(out.image), zipfile.ZIP_STORED)
+                _add(zf, f"{DATASET_DIR}/{SPLIT_DIRS[split]}/{IMAGES_DIR}/{i}.png", _png(out.image), zipfile.ZIP_STORED)
                 rows += [f"{i}.png,{c},{x1},{y1},{x2},{y2}" for c, x1, y1, x2, y2 in out.boxes]
                 bar.update()
-            _add(zf, f"{ROOT}/{SPLIT_DIRS[split]}/label.csv", ("\n".join(rows) + "\n").encode(),
+            _add(zf, f"{DATASET_DIR}/{SPLIT_DIRS[split]}/{LABEL_FILE}", ("\n".join(rows) + "\n").encode(),
                  zipfile.ZIP_DEFLATED)
     bar.close()
     return counts

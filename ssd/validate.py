@@ -22,7 +22,9 @@ from PIL import Image, ImageDraw
 
 from ssd.data import LABEL_COLUMNS, class_index, find_split, label_file, read_labels
 from ssd.files import atomic_dir, atomic_write_json
+from ssd.layout import IMAGES_DIR, dataset_root
 
+PARAMS = ("data.classes", "data.image_size", "data.strict")  # what the stage reads (dvc.yaml lists them)
 SPLITS = ("train", "val")
 REPORT, SAMPLES = "validation.json", "samples.png"
 COORDS = ("xmin", "ymin", "xmax", "ymax")
@@ -60,7 +62,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str],
                 strict: bool = True) -> tuple[dict[str, Any], dict[str, list[tuple[int, float, float, float, float]]]]:
     """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
-    image_dir = split_dir / "images"
+    image_dir = split_dir / IMAGES_DIR
     if not image_dir.is_dir():
         problems.append(f"{image_dir}: images folder missing")
         return {}, {}
@@ -72,7 +74,7 @@ def check_split(split_dir: Path, image_size: int, classes: Sequence[str], proble
     except (OSError, ValueError) as exc:  # missing file, unparsable csv, missing column
         problems.append(str(exc))
         return {}, {}
-    if list(table.columns) != LABEL_COLUMNS:
+    if tuple(table.columns) != LABEL_COLUMNS:
         problems.append(f"{labels_path}: header {','.join(map(str, table.columns))}, expected {','.join(LABEL_COLUMNS)}")
 
     numbers = {c: pd.to_numeric(table[c], errors="coerce") for c in COORDS}
@@ -111,7 +113,7 @@ def check_split(split_dir: Path, image_size: int, classes: Sequence[str], proble
             problems.append(f"{where}: {'; '.join(bad)}")
         else:
             boxes.setdefault(name, []).append((cls, *values))
-    labelled = {n for n in table["img_name"] if isinstance(n, str)}
+    labelled = {n for n in table[LABEL_COLUMNS[0]] if isinstance(n, str)}
     problems.extend(f"{image_dir / n}: image has no label row in {labels_path}" for n in sorted(all_files - labelled))
 
     flat = [b for bs in boxes.values() for b in bs]
@@ -138,7 +140,7 @@ def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str],
     names = list(boxes)[:n]
     tiles = []
     for name in names:
-        with Image.open(split_dir / "images" / name) as img:
+        with Image.open(split_dir / IMAGES_DIR / name) as img:
             tile = img.convert("RGB")
         scale = size / max(tile.size)
         if scale != 1:
@@ -154,12 +156,6 @@ def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str],
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % columns) * size, (i // columns) * size))
     return grid
-
-
-def dataset_root(path: str | Path) -> Path:
-    """``data/raw`` and ``data/raw/banana-detection`` both name the dataset."""
-    path = Path(path)
-    return path / "banana-detection" if (path / "banana-detection").is_dir() else path
 
 
 def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",), strict: bool = True
@@ -215,11 +211,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssd.params import load_params
+    from ssd.params import load_params, select_params
 
-    data = load_params(args.params, args.set).get("data", {})
-    report = run_validation(args.data, args.out, int(data.get("image_size", 256)), data.get("classes", ["banana"]),
-                            bool(data.get("strict", True)))
+    data = select_params(load_params(args.params, args.set), PARAMS)["data"]
+    report = run_validation(args.data, args.out, data["image_size"], data["classes"], data["strict"])
     counts = ", ".join(f"{s}: {v['images']} images / {v['label_rows']} boxes" for s, v in report["splits"].items())
     print(f"{report['data']} is valid ({counts}); report in {Path(args.out) / REPORT}")
     return 0

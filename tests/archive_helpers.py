@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, LABEL_HEADER, SPLIT_DIRS
 from ssd.synthetic import generate_archive
 
 TINY = {"seed": 0, "train": 8, "val": 4, "max_objects": 1, "classes": ["banana"]}
@@ -34,10 +35,10 @@ def zip_with(path: Path, members: list[tuple[str, bytes]], symlinks: dict[str, s
     return path
 
 
-def layout_members(prefix: str = "banana-detection") -> list[tuple[str, bytes]]:
+def layout_members(prefix: str = DATASET_DIR) -> list[tuple[str, bytes]]:
     """The members of a valid-looking layout (content does not matter for extraction tests)."""
-    return [(f"{prefix}/{s}/label.csv", b"img_name,label,xmin,ymin,xmax,ymax\n") for s in ("bananas_train", "bananas_val")] + \
-        [(f"{prefix}/{s}/images/0.png", b"x") for s in ("bananas_train", "bananas_val")]
+    return [(f"{prefix}/{s}/{LABEL_FILE}", f"{LABEL_HEADER}\n".encode()) for s in SPLIT_DIRS.values()] + \
+        [(f"{prefix}/{s}/{IMAGES_DIR}/0.png", b"x") for s in SPLIT_DIRS.values()]
 
 
 def sha1_of(path: Path) -> str:

@@ -226,6 +226,10 @@ def test_write_params_keeps_comments_and_checks_keys(tmp_path):
     assert rt.write_params(path, ["train.epochs=3"]) == []  # no change: file untouched
     with pytest.raises(ValueError, match="train.epoch"):
         rt.write_params(path, ["train.epoch=3"])
+    written = path.read_text()
+    with pytest.raises(ValueError, match=r"^-S train.epochs=1.5: expected an integer >= 1$"):  # the params schema
+        rt.write_params(path, ["train.epochs=1.5"])
+    assert path.read_text() == written
     with pytest.raises(ValueError, match="nproc"):
         rt.flow_overrides([], 0, None)
 

@@ -102,7 +102,7 @@ def test_predict_cli_missing_model_or_image(model_file, images, args, message, c
 def test_pyfunc_predict_on_base64_images(model_file):
     model = TinySSDModel()
     model.load_context(PythonModelContext(artifacts={"weights": str(model_file)},
-                                          model_config={"image_size": 64, "threshold": 0.9}))
+                                          model_config={"image_size": 64, "threshold": 0.9, "nms_threshold": 0.5}))
     blobs = []
     for img in (Image.new("RGBA", (100, 80), (1, 2, 3, 4)), Image.new("L", (30, 200), 90)):
         buffer = io.BytesIO()

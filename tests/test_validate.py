@@ -150,9 +150,11 @@ def test_photos_of_any_size_and_mode_pass_when_not_strict(data, tmp_path):
 def test_cli_exits_nonzero_and_writes_nothing(data, tmp_path):
     _damage("grey image", data)
     _damage("duplicate row", data)
-    (tmp_path / "params.yaml").write_text(json.dumps({"data": {"image_size": 256, "classes": CLASSES}}))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-m", "ssd", "validate", "--data", str(data), "--out", "reports"],
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-m", "ssd", "validate", "--data", str(data), "--out", "reports",
+                          "-S", f"data.classes={json.dumps(CLASSES)}", "-S", "data.image_size=256"],
                          cwd=tmp_path, capture_output=True, text=True, env=env)
     assert run.returncode == 1
     assert "2.png: mode L" in run.stderr and "duplicate of row 2" in run.stderr

@@ -10,30 +10,32 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_COLUMNS, LABEL_FILE, SPLIT_DIRS
+
 
 def write_split(split_dir: Path, count: int, size: int = 64, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
-    (split_dir / "images").mkdir(parents=True, exist_ok=True)
+    (split_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
         img = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
         w, h = rng.integers(size // 4, size // 2, size=2)
         x, y = rng.integers(0, size - w), rng.integers(0, size - h)
         img[y:y + h, x:x + w] = rng.integers(150, 256, size=3, dtype=np.uint8)
-        Image.fromarray(img).save(split_dir / "images" / f"{i}.png")
+        Image.fromarray(img).save(split_dir / IMAGES_DIR / f"{i}.png")
         rows.append([f"{i}.png", 0, int(x), int(y), int(x + w), int(y + h)])
-    with open(split_dir / "label.csv", "w", newline="") as f:
+    with open(split_dir / LABEL_FILE, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["img_name", "label", "xmin", "ymin", "xmax", "ymax"])
+        writer.writerow(LABEL_COLUMNS)
         writer.writerows(rows)
     return split_dir
 
 
 def write_dataset(root: Path, train: int = 16, val: int = 8, size: int = 64, seed: int = 0) -> Path:
     """``root/banana-detection/{bananas_train,bananas_val}``; returns ``root/banana-detection``."""
-    data = Path(root) / "banana-detection"
-    write_split(data / "bananas_train", train, size, seed)
-    write_split(data / "bananas_val", val, size, seed + 1)
+    data = Path(root) / DATASET_DIR
+    write_split(data / SPLIT_DIRS["train"], train, size, seed)
+    write_split(data / SPLIT_DIRS["val"], val, size, seed + 1)
     return data
 
 
