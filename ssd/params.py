@@ -109,6 +109,7 @@ SCHEMA: dict[str, Check] = {
     "train.batch_size": integer(1),
     "train.lr": number(0, open_lo=True),
     "train.weight_decay": number(0),
+    "train.momentum": number(0, 1),
     "train.nproc": integer(1),
     "train.precision": one_of("auto", "fp32", "bf16", "fp16"),
     "train.channels_last": boolean(),

@@ -40,10 +40,12 @@ from .anchors import multibox_target
 from .boxes import check_boxes
 from .data import DetectionDataset, load_dataset, make_loader
 from .files import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
+from .layout import DATASET_DIR
 from .loss import bbox_eval, calc_loss, cls_eval
 from .model import TinySSD, save_model, unwrap
 
-DEFAULT_DATA = Path("data/raw/banana-detection")
+DEFAULT_DATA = Path("data/raw") / DATASET_DIR
+PARAMS = ("base", "data.classes", "data.image_size", "model", "train")  # what the stage reads (dvc.yaml too)
 HISTORY_COLUMNS = ["epoch", "loss", "class_err", "bbox_mae", "examples_per_sec"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_GLOB = "epoch_*.pt"
@@ -408,9 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .params import load_params
+    from .params import load_params, select_params
 
-    params = load_params(args.params, args.set)
+    params = select_params(load_params(args.params, args.set), PARAMS)
     info = dist.init_distributed()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:

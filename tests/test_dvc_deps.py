@@ -140,10 +140,7 @@ def test_stage_lists_the_modules_its_command_imports(name):
     assert not problems, "dvc.yaml: " + "; ".join(problems)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ssd/train.py declares no PARAMS yet; when it does "
-                                            "(and selects with them), drop this mark")) if n == "train" else n
-    for n in STAGES])
+@pytest.mark.parametrize("name", list(STAGES))
 def test_stage_lists_the_params_its_code_reads(name):
     problems = params_problems(name, STAGES[name])
     assert not problems, "dvc.yaml: " + "; ".join(problems)
