@@ -6,6 +6,16 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# One rule for `slow`, so `pytest -m "not slow"` is the quick loop: a test is slow when it starts a
+# server (these fixtures) or is marked by hand (several processes, a whole pipeline).
+SERVER_FIXTURES = {"mlflow_server", "prefect_api", "archive_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _no_ambient_tracking(monkeypatch):
