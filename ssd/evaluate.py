@@ -250,7 +250,8 @@ def load_validation(params: dict[str, Any], data_root: str | Path) -> Any:
     from .data import load_dataset
 
     data_cfg = params["data"]
-    dataset = load_dataset(data_root, "val", int(data_cfg["image_size"]), data_cfg["classes"])
+    dataset = load_dataset(data_root, "val", int(data_cfg["image_size"]), data_cfg["classes"],
+                           data_cfg.get("max_image_pixels"))
     if len(dataset) == 0:
         raise ValueError(f"{dataset.split_dir}: the validation split is empty")
     return dataset

@@ -439,7 +439,8 @@ def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo)
 
     data_params = params.get("data") or {}
     classes = list(data_params.get("classes", ["banana"]))
-    dataset = load_dataset(args.data, "train", int(data_params.get("image_size", 256)), classes)
+    dataset = load_dataset(args.data, "train", int(data_params.get("image_size", 256)), classes,
+                           data_params.get("max_image_pixels"))
     check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
     fingerprint = data_fingerprint(dataset)
 
