@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -101,10 +100,17 @@ class ImageTooLarge(ValueError):
     """An image with more pixels than ``data.max_image_pixels``: refused before its pixels are decoded."""
 
 
-def _too_large(name: str, max_pixels: int, size: tuple[int, int] | None = None, pixels: int | None = None
-               ) -> ImageTooLarge:
-    what = f"{size[0]}x{size[1]} pixels" if size else f"{pixels} pixels" if pixels else "too many pixels"
-    return ImageTooLarge(f"{name}: image too large ({what}; the limit is data.max_image_pixels = {max_pixels})")
+def _declared_size(source: str | Path | BinaryIO) -> tuple[int, int] | None:
+    """The size an image's header declares, read with PIL's guard off (nothing is decoded); the
+    caller restores ``Image.MAX_IMAGE_PIXELS``."""
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        with Image.open(source) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 (only for the message)
+        return None
 
 
 def open_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -119,27 +125,29 @@ def open_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_IMAG
     name = name or str(source)
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise FileNotFoundError(f"{name}: image not found")
-    # PIL's own guard, for every other opener in this process too: it warns above the limit and
-    # refuses above twice it. The warning is replaced by our refusal below, which names the size.
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # PIL's own guard checks every size it meets (the header, and frames or sub-images while decoding):
+    # it follows the limit while this image is read, its warning (above the limit) is an error like
+    # its refusal (above twice it), and both become one message naming the size. Restored after, so
+    # other PIL users in the process keep their own limit.
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
-                if img.width * img.height > max_pixels:
-                    raise _too_large(name, max_pixels, size=img.size)
                 # exif_transpose decodes the current frame (the first, just after opening) into a new
                 # image in the displayed frame, and drops the orientation tag from it.
                 return ImageOps.exif_transpose(img)
-    except ImageTooLarge:
-        raise
-    except Image.DecompressionBombError as exc:  # above 2x the limit: PIL refused before we could look
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        raise _too_large(name, max_pixels, pixels=int(found.group(1)) if found else None) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        size = _declared_size(source)
+        what = f"{size[0]}x{size[1]} pixels" if size else "too many pixels"
+        raise ImageTooLarge(f"{name}: image too large ({what}; the limit is data.max_image_pixels = "
+                            f"{max_pixels})") from None
     except UnidentifiedImageError:
         raise ValueError(f"{name}: cannot be read as an image (not a format PIL recognises)") from None
     except Exception as exc:  # PIL raises many types for bad data (OSError, SyntaxError, struct.error...)
         raise ValueError(f"{name}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
