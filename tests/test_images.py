@@ -157,10 +157,10 @@ def test_other_modes_become_rgb(mode, fmt, tmp_path):
     assert np.abs(np.asarray(out).astype(int) - grey).max() <= 6
 
 
-def test_animated_gif_and_png_use_the_first_frame(tmp_path):
+def test_animated_gif_png_and_webp_use_the_first_frame(tmp_path):
     frames = [Image.new("RGB", (16, 16), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
-    for name in ("anim.gif", "anim.png"):
-        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    for name in ("anim.gif", "anim.png", "anim.webp"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=50, loop=0, lossless=True)
         with Image.open(tmp_path / name) as img:
             assert getattr(img, "n_frames", 1) == 3
         r, g, b = read_rgb(tmp_path / name).getpixel((8, 8))
