@@ -171,9 +171,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
-        return Image.fromarray(_to_8bit(np.asarray(img), img.mode), "L").convert("RGB")
-    if img.mode in ("La", "RGBa", "PA"):  # premultiplied or paletted alpha: through RGBA, which PIL converts
-        img = img.convert("RGBA")
+        return Image.fromarray(_to_8bit(np.asarray(img), img.mode)).convert("RGB")
     return img.convert("RGB")
 
 
