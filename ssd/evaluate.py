@@ -39,7 +39,7 @@ from .layout import DATASET_DIR
 from .loss import bbox_eval, cls_eval
 from .predict import decode_outputs, draw_detections, to_pixels
 
-PARAMS = ("evaluate", "data.classes", "data.image_size")  # what the stage reads (dvc.yaml lists them)
+PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels")  # what the stage reads (dvc.yaml lists them)
 MATCH_IOU = 0.5
 MAX_DETECTIONS = 100  # COCO's largest maxDets: more would not change mAP
 CURVE_THRESHOLDS = [i / 100 for i in range(101)]
@@ -252,7 +252,8 @@ def load_validation(params: dict[str, Any], data_root: str | Path) -> Any:
     from .data import load_dataset
 
     data_cfg = params["data"]
-    dataset = load_dataset(data_root, "val", int(data_cfg["image_size"]), data_cfg["classes"])
+    dataset = load_dataset(data_root, "val", data_cfg["image_size"], data_cfg["classes"],
+                           data_cfg["max_image_pixels"])
     if len(dataset) == 0:
         raise ValueError(f"{dataset.split_dir}: the validation split is empty")
     return dataset

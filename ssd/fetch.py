@@ -8,12 +8,17 @@ Prefect flow call it. Sources:
   timed-out connection) the synthetic dataset instead, with a loud warning, recorded in the
   manifest. A checksum mismatch or an HTTP error is never a reason to fall back;
 * ``synthetic``: generated bananas (``ssd.synthetic``), seeded by ``data.synthetic.seed``;
-* an ``http(s)://`` or ``file://`` URL, or a path to a zip (``--sha1`` checked when given).
+* an ``http(s)://`` or ``file://`` URL, or a path to a zip (``--sha1`` checked when given);
+* a path to a dataset folder, in the banana layout (``[banana-detection/]bananas_train`` and
+  ``bananas_val``) or with ``train/`` and ``val/``, each split holding ``images/`` and ``label.csv``:
+  copied into the banana layout, so every later stage sees one layout.
 
-Every source goes through the same verify + extract path. Extraction refuses absolute or ``..``
-members, symlinks, and archives whose sizes are absurd (zip bombs), and writes only inside a
-temporary folder that replaces ``out`` whole on success (``ssd.files.atomic_dir``): a failure leaves
-the previous dataset, or nothing, never a partial one. ``out/manifest.json`` records what was fetched.
+Every archive goes through the same verify + extract path. Extraction refuses absolute or ``..``
+members, symlinks, and archives whose sizes are absurd (zip bombs). Everything is written inside a
+work folder beside ``out`` (``.tmp-fetch-<pid>-<start>-<host>-*``) whose new dataset replaces ``out``
+whole on success (two renames): a failure leaves the previous dataset, or nothing, never a partial
+one. A fetch that was killed leaves its work folder behind; the next fetch removes it, once no live
+process of that name holds it. ``out/manifest.json`` records what was fetched.
 
 ``check_source`` (``ssd source``, the always-run DVC stage before fetch) writes a small fingerprint
 of the source to ``data/source.json``, only when it changed: the zip's SHA-256, a folder's tree hash,
@@ -27,6 +32,9 @@ import argparse
 import hashlib
 import http.client
 import json
+import os
+import re
+import shutil
 import socket
 import stat
 import sys
@@ -40,7 +48,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, TypeVar
 
-from ssd.files import atomic_dir, atomic_write_json, file_digest
+from ssd.files import atomic_write_json, file_digest
 from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, SPLIT_DIRS
 
 # The params each stage reads (dvc.yaml lists them; tests/test_dvc_deps.py compares).
@@ -217,9 +225,116 @@ def _check_layout(root: Path) -> dict[str, dict[str, int]]:
         if not (d / IMAGES_DIR).is_dir() or not (d / LABEL_FILE).is_file():
             raise ValueError(f"archive does not have the banana layout: missing {DATASET_DIR}/{split}/{IMAGES_DIR} "
                              f"or {DATASET_DIR}/{split}/{LABEL_FILE}")
-        rows = sum(1 for line in (d / LABEL_FILE).read_text().splitlines()[1:] if line.strip())
+        rows = sum(1 for line in (d / LABEL_FILE).read_bytes().splitlines()[1:] if line.strip())
         counts[split] = {"images": sum(1 for p in (d / IMAGES_DIR).iterdir() if p.is_file()), "label_rows": rows}
     return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset folders
+
+def folder_splits(root: Path) -> dict[str, Path]:
+    """The train and val split folders of a dataset folder: the banana layout (``bananas_train`` and
+    ``bananas_val``, directly or under ``banana-detection/``) or ``train/`` and ``val/``, each split with
+    ``images/`` and ``label.csv`` (or ``labels.csv``). ``ValueError`` naming what is missing otherwise."""
+    from ssd.data import LABEL_FILES
+
+    base = root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
+    layouts = {"banana layout": {split: base / d for split, d in SPLIT_DIRS.items()},
+               "train/val layout": {"train": root / "train", "val": root / "val"}}
+    missing: dict[str, list[str]] = {}
+    for name, splits in layouts.items():
+        gaps = [d / IMAGES_DIR for d in splits.values() if not (d / IMAGES_DIR).is_dir()]
+        gaps += [d / LABEL_FILE for d in splits.values() if not any((d / f).is_file() for f in LABEL_FILES)]
+        if not gaps:
+            return splits
+        missing[name] = [p.relative_to(root).as_posix() for p in gaps]
+    raise ValueError(f"source folder {root} has neither dataset layout (each split needs images/ and label.csv): "
+                     + "; ".join(f"{name}: missing {', '.join(gaps)}" for name, gaps in missing.items()))
+
+
+def copy_folder(root: Path, dest: Path) -> int:
+    """Copy the dataset folder ``root`` (:func:`folder_splits`) into ``dest`` in the banana layout
+    (``dest/bananas_train``, ``dest/bananas_val``); returns the number of files copied. Hidden files
+    (``.DS_Store`` and the like) and subfolders of ``images/`` are left out: they are never images."""
+    from ssd.data import label_file
+
+    files = 0
+    for split, src in folder_splits(root).items():
+        name = SPLIT_DIRS[split]
+        (dest / name / IMAGES_DIR).mkdir(parents=True)
+        shutil.copyfile(label_file(src), dest / name / LABEL_FILE)
+        for path in sorted((src / IMAGES_DIR).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copyfile(path, dest / name / IMAGES_DIR / path.name)
+                files += 1
+        files += 1
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# work folders, and the leftovers of killed fetches
+
+WORK_PREFIX = ".tmp-fetch-"
+_WORK_NAME = re.compile(rf"{re.escape(WORK_PREFIX)}(?P<pid>\d+)-(?P<start>\d+)-(?P<host>.+)-[^-]+")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc): None when /proc says there is
+    no such process, 0 when it cannot tell (no /proc on this system)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else 0
+    except OSError:
+        return 0
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19])  # field 22; the name in (...) may hold spaces
+    except (IndexError, ValueError):
+        return 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process that made a work folder still runs: ``pid`` is alive and, where /proc tells,
+    started at ``start`` (a pid reused by another process must not keep a leftover forever)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    now = _process_start(pid)
+    if now is None:  # gone since
+        return False
+    return not (start and now) or now == start
+
+
+def work_prefix() -> str:
+    """``.tmp-fetch-<pid>-<start>-<host>-``: a work folder says which process, started when, on which
+    host made it, so a later fetch can tell a leftover from a folder in use."""
+    return f"{WORK_PREFIX}{os.getpid()}-{_process_start(os.getpid()) or 0}-{_host()}-"
+
+
+def remove_leftovers(parent: Path) -> list[Path]:
+    """Remove the work folders that killed fetches left in ``parent``; returns them.
+
+    Only folders named by :func:`work_prefix` on this host (another host's process cannot be checked
+    from here, e.g. on a shared disk) whose process is gone; nothing else is touched.
+    """
+    removed = []
+    for path in sorted(Path(parent).glob(WORK_PREFIX + "*")):
+        match = _WORK_NAME.fullmatch(path.name)
+        if not match or match["host"] != _host() or path.is_symlink() or not path.is_dir():
+            continue
+        if _alive(int(match["pid"]), int(match["start"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +567,8 @@ def _generate(work: Path, synth: dict[str, Any], image_size: int, progress: bool
 
 
 # What a fingerprint's kind resolves to in the manifest: the fingerprint is recorded only when they agree.
-_RESOLVES_TO = {"d2l": "d2l", "unreachable": "synthetic", "synthetic": "synthetic", "url": "url", "file": "file"}
+_RESOLVES_TO = {"d2l": "d2l", "unreachable": "synthetic", "synthetic": "synthetic", "url": "url", "file": "file",
+                "folder": "folder"}
 
 
 def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[str, Any], *, progress: bool = True,
@@ -464,9 +580,12 @@ def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[st
     next check can tell whether the data is still current. When it says the ``auto`` URL answered,
     failing to reach it now is an error, not a reason to fall back to generated data.
 
+    A folder source (:func:`folder_splits`) is copied into the banana layout. Work folders of killed
+    fetches beside ``out`` are removed first (:func:`remove_leftovers`).
+
     Returns the manifest. Raises ``ValueError`` (checksum mismatch, unsafe or malformed archive, a
-    folder source, an archive that changed since the check), ``FileNotFoundError`` (missing zip) or
-    ``RuntimeError`` (download failed); ``out`` is then untouched.
+    folder in neither layout, a source that changed since the check), ``FileNotFoundError`` (missing
+    zip) or ``RuntimeError`` (download failed); ``out`` is then untouched.
     """
     data = params["data"]
     source = source or data["source"]
@@ -474,18 +593,22 @@ def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[st
     image_size = data["image_size"]
     out = Path(out)
     kind = source_kind(source)
-    if kind == "folder":
-        raise ValueError(f"source {source!r} is a folder: fetch takes a zip archive in the banana layout "
-                         f"(folder sources are not supported yet; zip it)")
+    if kind == "folder" and sha1:
+        raise ValueError(f"a SHA-1 checks an archive, and source {source!r} is a folder")
     if fingerprint is not None and fingerprint.get("source") != source:
         fingerprint = None  # a check of another source (a stale file, or `ssd fetch --source` by hand)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for path in remove_leftovers(out.parent):
+        print(f"removed {path}: left by a fetch that was killed", file=sys.stderr)
     manifest: dict[str, Any] = {"requested_source": source, "synthetic_fallback": False}
 
-    with tempfile.TemporaryDirectory(prefix=".tmp-fetch-", dir=out.parent) as work_dir:
-        work = Path(work_dir)
+    with tempfile.TemporaryDirectory(prefix=work_prefix(), dir=out.parent) as work_dir:
+        work, new = Path(work_dir), Path(work_dir) / "new"  # `new` becomes `out`
         expected = sha1
-        if kind in ("auto", "d2l"):
+        if kind == "folder":
+            archive, computed = Path(source), None
+            manifest.update(resolved_source="folder", path=str(archive.resolve()))
+        elif kind in ("auto", "d2l"):
             url = data["url"]
             if not url:
                 raise ValueError("params data.url is empty: no URL for the d2l archive")
@@ -519,22 +642,31 @@ def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[st
         if expected and computed.lower() != expected.lower():
             raise ValueError(f"SHA-1 mismatch for {manifest.get('url') or manifest.get('path') or source}: "
                              f"expected {expected}, got {computed}; refusing it (the previous data is kept)")
-        identity = file_identity(archive)
-        if fingerprint and fingerprint.get("sha256") and fingerprint["sha256"] != identity["sha256"]:
-            raise ValueError(f"{source} changed between the source check (sha256 {fingerprint['sha256'][:12]}…) "
-                             f"and this fetch (sha256 {identity['sha256'][:12]}…): run the pipeline again")
+        if kind == "folder":
+            folder_splits(archive)  # refuse a folder in neither layout before hashing it
+            identity, key = tree_identity(archive), "tree_sha256"
+        else:
+            identity, key = file_identity(archive), "sha256"
+        if fingerprint and fingerprint.get(key) and fingerprint[key] != identity[key]:
+            raise ValueError(f"{source} changed between the source check ({key} {fingerprint[key][:12]}…) "
+                             f"and this fetch ({key} {identity[key][:12]}…): run the pipeline again")
         agrees = fingerprint is not None and not fingerprint.get("error") and \
             _RESOLVES_TO.get(fingerprint.get("kind", "")) == manifest["resolved_source"]
         manifest.update(sha1=computed, expected_sha1=expected or None, verified=bool(expected),
-                        sha256=identity["sha256"], archive_bytes=identity["bytes"],
+                        **{key: identity[key]}, source_bytes=identity["bytes"],
                         source_fingerprint=fingerprint if agrees else None)
 
-        with atomic_dir(out) as tmp:
-            tmp.chmod(0o755)  # mkdtemp makes it private; a dataset folder is not
-            manifest["extracted_files"] = safe_extract(archive, tmp)
-            manifest["files"] = _check_layout(tmp)
-            manifest["dataset"] = DATASET_DIR
-            atomic_write_json(tmp / "manifest.json", manifest)
+        if kind == "folder":
+            manifest["copied_files"] = copy_folder(archive, new / DATASET_DIR)
+        else:
+            new.mkdir()
+            manifest["extracted_files"] = safe_extract(archive, new)
+        manifest["files"] = _check_layout(new)
+        manifest["dataset"] = DATASET_DIR
+        atomic_write_json(new / "manifest.json", manifest)
+        if out.exists():
+            os.replace(out, work / "old")  # removed with the work folder
+        os.replace(new, out)
     return manifest
 
 
@@ -544,7 +676,8 @@ def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ssd.cli import add_params_arguments
 
-    parser.add_argument("--source", help="auto, d2l, synthetic, a URL or a zip path (default: params data.source)")
+    parser.add_argument("--source", help="auto, d2l, synthetic, a URL, a zip or a dataset folder "
+                                         "(default: params data.source)")
     parser.add_argument("--sha1", help="expected SHA-1 of the archive (default for d2l/auto: params data.sha1)")
     parser.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
     parser.add_argument("--fingerprint", metavar="FILE",
@@ -564,7 +697,8 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.fingerprint}: no source fingerprint there (run `ssd source` first)")
     manifest = fetch(args.source, args.sha1, args.out, params, progress=not args.quiet, fingerprint=fingerprint)
     files = ", ".join(f"{k}: {v['images']} images / {v['label_rows']} boxes" for k, v in manifest["files"].items())
-    print(f"fetched {manifest['resolved_source']} dataset (sha1 {manifest['sha1']}) into "
+    digest = f"sha1 {manifest['sha1']}" if manifest["sha1"] else f"tree sha256 {manifest['tree_sha256'][:12]}…"
+    print(f"fetched {manifest['resolved_source']} dataset ({digest}) into "
           f"{Path(args.out) / DATASET_DIR}: {files}")
     if manifest["synthetic_fallback"]:
         print("NOTE: synthetic fallback (network unreachable); see manifest.json", file=sys.stderr)

@@ -98,6 +98,7 @@ SCHEMA: dict[str, Check] = {
     "data.classes": names(),
     "data.image_size": integer(32),     # TinySSD halves the image 5 times before its last scale
     "data.strict": boolean(),
+    "data.max_image_pixels": integer(1),
     "data.synthetic.seed": integer(0),
     "data.synthetic.train": integer(1),
     "data.synthetic.val": integer(1),

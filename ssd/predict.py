@@ -5,11 +5,14 @@
 score threshold and the scaling back to original-image pixels. The ``ssd predict`` command, the
 MLflow pyfunc (``ssd.pyfunc``) and the evaluation (metrics and gallery) all go through these.
 
-    ssd predict IMAGE... [--model models:/tinyssd@champion | models/model.pt] [--threshold 0.9] [--out DIR]
+    ssd predict IMAGE_OR_FOLDER... [--model models:/tinyssd@champion | models/model.pt] [--threshold 0.9] [--out DIR]
 
 prints one JSON object per image (``{"image", "width", "height", "detections": [{"class_id",
-"label", "score", "box": [x1, y1, x2, y2]}]}``, boxes in original-image pixels) and, with
-``--out``, writes ``DIR/<image stem>.png`` with the boxes drawn.
+"label", "score", "box": [x1, y1, x2, y2]}]}``, boxes in pixels of the image as displayed, EXIF
+orientation applied) and, with ``--out``, writes ``DIR/<image stem>.png`` with the boxes drawn. A
+folder stands for its image files (by extension, sorted). A file that cannot be read (missing, not
+an image, too large) is reported on stderr and skipped; the others are still predicted, and the
+command exits 1 at the end.
 """
 from __future__ import annotations
 
@@ -19,14 +22,14 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .anchors import multibox_detection
-from .data import load_image
+from .data import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, read_image, read_rgb, to_tensor
 
 DEFAULT_MODEL = "models:/tinyssd@champion"
 PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white
@@ -75,8 +78,8 @@ def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int
     """Detections per image in original pixels.
 
     Args:
-        images: ``uint8 Tensor[N, 3, S, S]`` as :func:`ssd.data.load_image` gives them.
-        sizes: the original ``(width, height)`` of each image.
+        images: ``uint8 Tensor[N, 3, S, S]`` as :func:`ssd.data.read_image` gives them.
+        sizes: the displayed ``(width, height)`` of each image.
     """
     classes = net.config.classes
     results: list[list[dict[str, Any]]] = []
@@ -86,26 +89,38 @@ def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int
     return results
 
 
-def read_images(sources: Sequence[str | Path | bytes], image_size: int
-                ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Files or encoded bytes (any size and mode) as ``uint8 Tensor[N, 3, S, S]`` and original sizes."""
+def read_images(sources: Sequence[str | Path | bytes], image_size: int,
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Files or encoded bytes (any size and mode) as ``uint8 Tensor[N, 3, S, S]`` and displayed sizes
+    (:func:`ssd.data.read_image`); the first that cannot be read raises, naming it (``image #i`` for bytes)."""
     tensors, sizes = [], []
     for i, src in enumerate(sources):
         if isinstance(src, (bytes, bytearray)):
-            try:
-                tensor, size = load_image(io.BytesIO(src), image_size)  # type: ignore[arg-type]
-            except ValueError as exc:
-                raise ValueError(f"image #{i}: the bytes are not an image ({exc.__cause__ or exc})") from None
+            tensor, size = read_image(io.BytesIO(src), image_size, max_pixels, name=f"image #{i}")
         else:
-            path = Path(src)
-            if not path.is_file():
-                raise FileNotFoundError(f"image not found: {path}")
-            tensor, size = load_image(path, image_size)
+            tensor, size = read_image(src, image_size, max_pixels)
         tensors.append(tensor)
         sizes.append(size)
     if not tensors:
         return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), []
     return torch.stack(tensors), sizes
+
+
+def expand_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files as given (PIL decodes by content), a folder as its image files (by extension, sorted by name).
+
+    Returns the files and a one-line problem for each folder without images.
+    """
+    files, problems = [], []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            problems.append(f"{path}: folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
+        files += found
+    return files, problems
 
 
 def draw_detections(image: Image.Image, detections: Sequence[dict[str, Any]],
@@ -155,37 +170,62 @@ def load_detector(model: str | Path, image_size: int = 256, nms_threshold: float
 
 
 def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODEL, threshold: float = 0.9,
-                  out: str | Path | None = None, image_size: int = 256, nms_threshold: float = 0.5
-                  ) -> list[dict[str, Any]]:
-    """Detect in image files; with ``out``, write annotated copies there. Returns one dict per image.
+                  out: str | Path | None = None, image_size: int = 256, nms_threshold: float = 0.5,
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, on_error: Callable[[str], None] | None = None,
+                  batch_size: int = 32) -> list[dict[str, Any]]:
+    """Detect in image files and folders (:func:`expand_images`); with ``out``, write annotated copies there.
 
+    Returns one dict per image read. ``on_error``: when given, an image that cannot be read
+    (missing, not an image, over ``max_pixels``) or a folder without images is passed to it as a
+    one-line message and skipped; without it, the first raises. The model is loaded once and the
+    images go through it ``batch_size`` at a time (only one batch of pictures is held).
     ``image_size`` and ``nms_threshold`` apply to a model file; an MLflow model brings its own.
     """
     from .files import atomic_path
 
+    def refuse(message: str) -> None:
+        if on_error is None:
+            raise ValueError(message)
+        on_error(message)
+
     net, image_size, nms_threshold = load_detector(model, image_size, nms_threshold)
-    tensors, sizes = read_images(images, image_size)
+    files, problems = expand_images(images)
+    for problem in problems:
+        refuse(problem)
     results, written = [], set()
-    for path, size, dets in zip(images, sizes, detect(net, tensors, sizes, threshold, nms_threshold)):
-        result = {"image": str(path), "width": size[0], "height": size[1], "detections": dets}
-        if out is not None:
-            name = Path(path).stem
-            if name in written:  # a.png and a.jpg both given: keep both pictures
-                name = f"{name}-{len(results)}"
-            written.add(name)
-            with Image.open(path) as img:
-                annotated = draw_detections(img, dets)
-            with atomic_path(Path(out) / f"{name}.png") as tmp:
-                annotated.save(tmp, format="PNG")
-            result["annotated"] = str(Path(out) / f"{name}.png")
-        results.append(result)
+    for start in range(0, len(files), batch_size):
+        batch: list[tuple[Path, Image.Image]] = []
+        for path in files[start:start + batch_size]:
+            try:
+                batch.append((path, read_rgb(path, max_pixels)))
+            except (ValueError, OSError) as exc:
+                if on_error is None:
+                    raise
+                on_error(str(exc))
+        if not batch:
+            continue
+        sizes = [img.size for _, img in batch]
+        tensors = torch.stack([to_tensor(img, image_size) for _, img in batch])
+        for (path, img), size, dets in zip(batch, sizes, detect(net, tensors, sizes, threshold, nms_threshold,
+                                                                batch_size)):
+            result = {"image": str(path), "width": size[0], "height": size[1], "detections": dets}
+            if out is not None:
+                name = path.stem
+                if name in written:  # a.png and a.jpg both given: keep both pictures
+                    name = f"{name}-{len(results)}"
+                written.add(name)
+                with atomic_path(Path(out) / f"{name}.png") as tmp:
+                    draw_detections(img, dets).save(tmp, format="PNG")
+                result["annotated"] = str(Path(out) / f"{name}.png")
+            results.append(result)
     return results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import add_params_arguments
 
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, mode or format)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files (any size, mode or format) or folders of them")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="MLflow model URI or a model.pt file (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=None,
@@ -198,10 +238,22 @@ def main(args: argparse.Namespace) -> int:
     from .params import load_params
 
     params = load_params(args.params, args.set)
-    evaluate = params["evaluate"]
+    evaluate, data = params["evaluate"], params["data"]
     threshold = args.threshold if args.threshold is not None else evaluate["threshold"]
-    results = predict_files(args.images, args.model, threshold, args.out, image_size=params["data"]["image_size"],
-                            nms_threshold=evaluate["nms_threshold"])
+    failed: list[str] = []
+
+    def report(message: str) -> None:
+        failed.append(message)
+        print(f"ssd predict: skipped {message}", file=sys.stderr, flush=True)
+
+    results = predict_files(args.images, args.model, threshold, args.out,
+                            image_size=data["image_size"], nms_threshold=evaluate["nms_threshold"],
+                            max_pixels=data["max_image_pixels"],
+                            on_error=report)
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    if failed:
+        print(f"ssd predict: error: {len(failed)} input(s) skipped, {len(results)} image(s) predicted",
+              file=sys.stderr)
+        return 1
     return 0

@@ -8,7 +8,8 @@ Over REST that is::
                         "params": {"threshold": 0.5}}
 
 Output: a DataFrame with one row per detection: ``image`` (the input row), ``class_id``,
-``label``, ``score`` and ``xmin, ymin, xmax, ymax`` in the original image's pixels. Images
+``label``, ``score`` and ``xmin, ymin, xmax, ymax`` in pixels of the image as displayed (EXIF
+orientation applied; every stage reads images with ``ssd.data.read_image``). Images
 without a detection above the threshold have no row. Param ``threshold`` (default: the
 evaluation threshold the model was registered with) is the minimum score.
 
@@ -63,11 +64,14 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     """Loads ``model.pt`` from the model's artifacts; settings come from the model config."""
 
     def load_context(self, context):  # noqa: ANN001
+        from ssd.data import DEFAULT_MAX_IMAGE_PIXELS
         from ssd.model import load_model
 
         config = context.model_config  # written by ssd.registry.log_pyfunc from the validated params
         self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT])
         self.image_size = int(config["image_size"])
+        # Versions registered before the limit was a param carry none: they get the default.
+        self.max_pixels = int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         self.nms_threshold = float(config["nms_threshold"])
         self.threshold = float(config["threshold"])
 
@@ -82,7 +86,7 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded images")
         threshold = float((params or {}).get("threshold", self.threshold))
         blobs = [_decode(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN])]
-        images, sizes = read_images(blobs, self.image_size)
+        images, sizes = read_images(blobs, self.image_size, self.max_pixels)
         return detections_frame(detect(self.net, images, sizes, threshold, self.nms_threshold))
 
 

@@ -45,7 +45,7 @@ from .loss import bbox_eval, calc_loss, cls_eval
 from .model import TinySSD, save_model, unwrap
 
 DEFAULT_DATA = Path("data/raw") / DATASET_DIR
-PARAMS = ("base", "data.classes", "data.image_size", "model", "train")  # what the stage reads (dvc.yaml too)
+PARAMS = ("base", "data.classes", "data.image_size", "data.max_image_pixels", "model", "train")  # what the stage reads (dvc.yaml too)
 HISTORY_COLUMNS = ["epoch", "loss", "class_err", "bbox_mae", "examples_per_sec"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_GLOB = "epoch_*.pt"
@@ -481,7 +481,7 @@ def build(params: dict[str, Any], data: Path, info: dist.DistInfo) -> Setup:
     _seed_everything(params["base"]["seed"], settings["deterministic"])
 
     classes = list(params["data"]["classes"])
-    dataset = load_dataset(data, "train", params["data"]["image_size"], classes)
+    dataset = load_dataset(data, "train", params["data"]["image_size"], classes, params["data"]["max_image_pixels"])
     check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
     model = TinySSD(num_classes=len(classes), sizes=params["model"]["sizes"], ratios=params["model"]["ratios"],
                     classes=classes).to(device)

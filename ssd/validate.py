@@ -20,35 +20,38 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ssd.data import LABEL_COLUMNS, class_index, find_split, label_file, read_labels
+from ssd.data import (DEFAULT_MAX_IMAGE_PIXELS, LABEL_COLUMNS, class_index, find_split, label_file, open_image,
+                      read_labels, read_rgb)
 from ssd.files import atomic_dir, atomic_write_json
 from ssd.layout import IMAGES_DIR, dataset_root
 
-PARAMS = ("data.classes", "data.image_size", "data.strict")  # what the stage reads (dvc.yaml lists them)
+PARAMS = ("data.classes", "data.image_size", "data.max_image_pixels", "data.strict")  # what the stage reads (dvc.yaml lists them)
 SPLITS = ("train", "val")
 REPORT, SAMPLES = "validation.json", "samples.png"
 COORDS = ("xmin", "ymin", "xmax", "ymax")
 
 
-def _decode_images(image_dir: Path, image_size: int | None, problems: list[str]) -> dict[str, tuple[int, int]]:
-    """Decode every file in ``image_dir``; returns ``{name: (width, height)}`` of the readable ones.
+def _decode_images(image_dir: Path, image_size: int | None, problems: list[str],
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, tuple[int, int]]:
+    """Decode every file in ``image_dir`` as the reader does; returns ``{name: (width, height)}``
+    of the readable ones, the size as displayed (EXIF orientation applied): boxes are checked against it.
 
     With ``image_size`` None any size and mode pass (the reader converts to RGB and resizes).
     """
     sizes = {}
     for path in sorted(p for p in image_dir.iterdir() if p.is_file()):
         try:
-            with Image.open(path) as img:
-                img.load()  # a full decode: truncated or corrupt data fails here, not later in training
-                mode, size = img.mode, img.size
-        except Exception as exc:  # PIL raises many types for bad data; every one is a refusal
-            problems.append(f"{path}: cannot be decoded as an image ({type(exc).__name__}: {exc})")
+            # A full decode: truncated or corrupt data fail here, not later in training.
+            img = open_image(path, max_pixels)
+        except ValueError as exc:
+            problems.append(str(exc))
             continue
-        if image_size is not None and mode != "RGB":
-            problems.append(f"{path}: mode {mode}, expected RGB")
-        if image_size is not None and size != (image_size, image_size):
-            problems.append(f"{path}: size {size[0]}x{size[1]}, expected {image_size}x{image_size} (data.image_size)")
-        sizes[path.name] = size
+        if image_size is not None and img.mode != "RGB":
+            problems.append(f"{path}: mode {img.mode}, expected RGB")
+        if image_size is not None and img.size != (image_size, image_size):
+            problems.append(f"{path}: size {img.width}x{img.height}, expected {image_size}x{image_size} "
+                            f"(data.image_size)")
+        sizes[path.name] = img.size
     return sizes
 
 
@@ -60,13 +63,13 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str],
-                strict: bool = True) -> tuple[dict[str, Any], dict[str, list[tuple[int, float, float, float, float]]]]:
+                strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict[str, Any], dict[str, list[tuple[int, float, float, float, float]]]]:
     """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
     image_dir = split_dir / IMAGES_DIR
     if not image_dir.is_dir():
         problems.append(f"{image_dir}: images folder missing")
         return {}, {}
-    sizes = _decode_images(image_dir, image_size if strict else None, problems)
+    sizes = _decode_images(image_dir, image_size if strict else None, problems, max_pixels)
     all_files = {p.name for p in image_dir.iterdir() if p.is_file()}
     try:
         labels_path = label_file(split_dir)
@@ -140,8 +143,7 @@ def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str],
     names = list(boxes)[:n]
     tiles = []
     for name in names:
-        with Image.open(split_dir / IMAGES_DIR / name) as img:
-            tile = img.convert("RGB")
+        tile = read_rgb(split_dir / IMAGES_DIR / name)  # displayed frame: the boxes are in it
         scale = size / max(tile.size)
         if scale != 1:
             tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))))
@@ -158,12 +160,13 @@ def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str],
     return grid
 
 
-def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",), strict: bool = True
-             ) -> tuple[dict, Image.Image]:
+def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",), strict: bool = True,
+             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, Image.Image]:
     """Check both splits; returns the report and the sample grid, or raises ``ValueError`` listing all problems.
 
     ``strict``: every image must be RGB and ``image_size`` square (the banana data are); otherwise any
-    size and mode pass, as photos come, and boxes are checked against each image's own size.
+    size and mode pass, as photos come, and boxes are checked against each image's own size as
+    displayed (EXIF orientation applied). ``max_pixels``: larger images are problems.
     """
     root = dataset_root(root)
     classes = list(classes)
@@ -176,7 +179,7 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
         except FileNotFoundError as exc:
             problems.append(str(exc))
             continue
-        report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems, strict)
+        report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems, strict, max_pixels)
         if split == "train":
             grid = (split_dir, boxes)
     if problems:
@@ -186,11 +189,11 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
 
 
 def run_validation(root: str | Path, out: str | Path, image_size: int, classes: Sequence[str],
-                   strict: bool = True) -> dict[str, Any]:
+                   strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Validate and write ``out/validation.json`` + ``out/samples.png`` (together, atomically)."""
     out = Path(out)
     try:
-        report, grid = validate(root, image_size, classes, strict)
+        report, grid = validate(root, image_size, classes, strict, max_pixels)
     except ValueError:
         for name in (REPORT, SAMPLES):  # a stale "valid" report must not outlive invalid data
             (out / name).unlink(missing_ok=True)
@@ -214,7 +217,8 @@ def main(args: argparse.Namespace) -> int:
     from ssd.params import load_params, select_params
 
     data = select_params(load_params(args.params, args.set), PARAMS)["data"]
-    report = run_validation(args.data, args.out, data["image_size"], data["classes"], data["strict"])
+    report = run_validation(args.data, args.out, data["image_size"], data["classes"], data["strict"],
+                            data["max_image_pixels"])
     counts = ", ".join(f"{s}: {v['images']} images / {v['label_rows']} boxes" for s, v in report["splits"].items())
     print(f"{report['data']} is valid ({counts}); report in {Path(args.out) / REPORT}")
     return 0

@@ -115,5 +115,5 @@ def test_pyfunc_predict_on_base64_images(model_file):
     assert model.predict(None, pd.DataFrame({"image": blobs}), params={"threshold": 1.01}).empty
     with pytest.raises(ValueError, match="row 0: column 'image' is not valid base64"):
         model.predict(None, pd.DataFrame({"image": ["***"]}))
-    with pytest.raises(ValueError, match="image #0: the bytes are not an image"):
+    with pytest.raises(ValueError, match="image #0: cannot be read as an image"):
         model.predict(None, pd.DataFrame({"image": [encode_image(b"plain text")]}))

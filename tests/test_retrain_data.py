@@ -133,8 +133,8 @@ def test_folder_fingerprint_is_a_tree_hash(tmp_path):
     assert second["files"] == 3 and second["tree_sha256"] != first["tree_sha256"]
     (folder / "images" / "1.png").write_bytes(b"png 2")  # same names, other bytes
     assert source_fingerprint(str(folder), params())["tree_sha256"] != second["tree_sha256"]
-    # fetch does not take folders yet: it says so rather than guessing.
-    with pytest.raises(ValueError, match="is a folder"):
+    # One split's folder is neither dataset layout: fetch says so rather than guessing.
+    with pytest.raises(ValueError, match="has neither dataset layout"):
         fetch(str(folder), None, tmp_path / "raw", params(), progress=False)
 
 

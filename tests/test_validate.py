@@ -60,7 +60,7 @@ def _damage(kind: str, root: Path) -> str:
     if kind == "corrupt png":
         p = train / "images" / "3.png"
         p.write_bytes(p.read_bytes()[:200])
-        return r"bananas_train/images/3\.png: cannot be decoded"
+        return r"bananas_train/images/3\.png: cannot be read as an image"
     if kind == "wrong size":
         Image.new("RGB", (128, 128)).save(val / "images" / "1.png")
         return r"bananas_val/images/1\.png: size 128x128, expected 256x256"
