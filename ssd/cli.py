@@ -2,7 +2,18 @@
 
 Each module named in ``COMMANDS`` provides ``add_arguments(parser)`` and ``main(args)``; the CLI
 holds no logic. Only the chosen module is imported, so ``ssd --help`` stays fast.
-Exit codes: 0 success, 1 a refused input or failed check (message on stderr), 2 bad usage.
+
+Exit codes, the same for every command (:func:`exit_code` is the one mapping):
+
+==  ==========================================================================================
+0   success
+1   refused input or a failed check (``ValueError``, ``OSError``, ``RuntimeError``, an MLflow
+    error that is not transient): a one-line message on stderr; running it again will not help
+2   usage: an unknown command or option, a missing argument (argparse)
+75  transient failure (``EX_TEMPFAIL``, ``ssd.errors.TransientError``): a server unreachable, a
+    connection lost, or HTTP 5xx/429 after the command's own bounded retries; the same command
+    may succeed later, and the retraining flow retries a stage on this code alone
+==  ==========================================================================================
 """
 from __future__ import annotations
 
@@ -10,6 +21,10 @@ import argparse
 import importlib
 import os
 import sys
+
+from .errors import TransientError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "source": ("ssd.fetch", "fingerprint the data source (rewritten only when it changed)"),
@@ -43,6 +58,27 @@ def get_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(exc: BaseException) -> int | None:
+    """The exit status for a stage's exception (module docstring), or None for a bug (re-raised).
+
+    MLflow and ``requests`` are asked about only when already imported: an exception of theirs
+    cannot exist otherwise, and ``ssd --help`` stays fast.
+    """
+    if isinstance(exc, TransientError):
+        return EXIT_TEMPFAIL
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException):
+        from .tracking import is_transient
+
+        return EXIT_TEMPFAIL if is_transient(exc) else EXIT_FAILED
+    requests_errors = sys.modules.get("requests.exceptions")
+    if requests_errors is not None and isinstance(exc, requests_errors.RequestException):
+        return EXIT_TEMPFAIL  # a connection, timeout or retry failure talking to a server
+    if isinstance(exc, (ValueError, OSError, RuntimeError)):
+        return EXIT_FAILED
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -50,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     run = getattr(module, f"{args.command}_main", None) or module.main
     try:
-        return int(run(args) or 0)
-    except (ValueError, OSError, RuntimeError) as exc:
-        if os.environ.get("SSD_DEBUG"):
+        return int(run(args) or EXIT_OK)
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None or os.environ.get("SSD_DEBUG"):
             raise
-        print(f"ssd {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        kind = "transient error (retry later)" if code == EXIT_TEMPFAIL else "error"
+        print(f"ssd {args.command}: {kind}: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -321,56 +321,6 @@ def curve_figure(history: list[dict[str, float]], epochs: int):
     return fig
 
 
-class Tracker:
-    """The pipeline's MLflow run, on rank 0 only (every method is a no-op elsewhere)."""
-
-    def __init__(self, active: bool) -> None:
-        self.active = active
-        self.run_id = ""
-
-    def start(self, *, uri: str, experiment: str, run_id: str | None, run_name: str, params: dict[str, Any],
-              tags: dict[str, str], data: Path, run_file: Path) -> None:
-        if not self.active:
-            return
-        import mlflow
-
-        from .tracking import flatten_params, log_dataset_inputs, start_or_resume_run, write_run_file
-
-        run, resumed = start_or_resume_run(uri, experiment, run_id, run_name)
-        self.run_id = run.info.run_id
-        if not resumed:  # params are immutable in MLflow; a resumed run already has them
-            mlflow.log_params(flatten_params(params))
-        mlflow.set_tags(tags)
-        log_dataset_inputs(data)  # the same name and digest again on a resume: MLflow keeps one
-        write_run_file(self.run_id, uri, run_file, experiment=experiment)
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None:
-        if not self.active:
-            return
-        import shutil
-        import tempfile
-
-        import mlflow
-
-        mlflow.log_metrics(metrics, step=epoch)
-        with tempfile.TemporaryDirectory() as tmp:  # one artifact, always the latest checkpoint
-            shutil.copy(checkpoint, Path(tmp) / "last.pt")
-            mlflow.log_artifact(str(Path(tmp) / "last.pt"), artifact_path="checkpoints")
-        mlflow.set_tag("checkpoint_epoch", str(epoch))
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.active:
-            import mlflow
-
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-    def end(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id:
-            import mlflow
-
-            mlflow.end_run(status=status)
-
-
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -419,7 +369,7 @@ def _settings(params: dict[str, Any], world_size: int) -> dict[str, Any]:
 
 def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo) -> dict[str, Any]:
     """The whole stage; returns the final metrics (on every rank)."""
-    from .tracking import ensure_reachable, provenance, read_run_file, run_name, tracking_uri
+    from .tracking import Tracker, ensure_reachable, provenance, read_run_file, run_name, tracking_uri
 
     settings = _settings(params, info.world_size)
     fault = parse_fault(os.environ.get("SSD_FAULT"))
