@@ -14,6 +14,9 @@ Exit codes, the same for every command (:func:`exit_code` is the one mapping):
     connection lost, or HTTP 5xx/429 after the command's own bounded retries; the same command
     may succeed later, and the retraining flow retries a stage on this code alone
 ==  ==========================================================================================
+
+When ``SSD_EXIT_STATUS_FILE`` is set, the status is also written there (the retraining flow sets
+it: ``dvc repro`` exits 255 whatever the status of the command it ran).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import sys
 from .errors import TransientError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
+EXIT_STATUS_ENV = "SSD_EXIT_STATUS_FILE"
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "source": ("ssd.fetch", "fingerprint the data source (rewritten only when it changed)"),
@@ -80,6 +84,25 @@ def exit_code(exc: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (module docstring)."""
+    try:
+        code = _main(argv)
+    except SystemExit as exc:  # argparse: usage (2) or --help (0)
+        _report(exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_FAILED)
+        raise
+    _report(code)
+    return code
+
+
+def _report(code: int) -> None:
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path:
+        from .files import atomic_write_text
+
+        atomic_write_text(path, f"{code}\n")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = get_parser(command if command in COMMANDS else None).parse_args(argv)

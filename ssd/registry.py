@@ -331,13 +331,15 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-file", default="models/mlflow_run.json",
                         help="the training's MLflow run (default: %(default)s)")
     parser.add_argument("--out", default="reports/registration.json", help="record (default: %(default)s)")
+    parser.add_argument("--data", default="data/raw", help="the data, for its validation split (default: %(default)s)")
     add_params_arguments(parser)
 
 
 def register_main(args: argparse.Namespace) -> int:
     from .params import load_params
 
-    record = register(load_params(args.params, args.set), args.model, args.eval, args.run_file, args.out)
+    record = register(load_params(args.params, args.set), args.model, args.eval, args.run_file, args.out,
+                      args.data)
     print(json.dumps(record, indent=2))
     return 0
 
