@@ -69,10 +69,10 @@ def client(uri: str | None = None) -> Any:
     An HTTP server is checked first (:func:`ensure_reachable`: ``TransientError`` in seconds when it
     does not answer) and MLflow's HTTP retries are bounded (:func:`bound_http_retries`).
     """
+    uri = ensure_reachable(uri)  # before importing MLflow: a dead server is reported in a second
+    bound_http_retries()
     import mlflow
 
-    uri = ensure_reachable(uri)
-    bound_http_retries()
     mlflow.set_tracking_uri(uri)  # for the fluent calls made with this client (log_model, load_model)
     mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -310,14 +310,15 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
     Returns ``(active mlflow run, resumed)``. The caller ends it (``mlflow.end_run``).
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
+    store = client(uri)
     if run_id:
         try:
-            mlflow.MlflowClient(uri).get_run(run_id)
+            store.get_run(run_id)
             return mlflow.start_run(run_id=run_id), True
-        except MlflowException:
+        except Exception as exc:
+            if not is_missing(exc):  # a failing server is not a missing run: no second run for one model
+                raise
             import warnings
 
             warnings.warn(f"MLflow run {run_id} is not in {uri}; starting a new run", stacklevel=2)
@@ -325,7 +326,7 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
     if EXPERIMENT_KIND_TAG not in found.tags:
         # MLflow 3's UI opens an experiment of unknown kind on its GenAI traces overview (empty here);
         # this tag makes it open on the training runs, with their datasets and model versions.
-        mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        store.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     return mlflow.start_run(run_name=run_name), False
 
 
@@ -342,7 +343,6 @@ class Tracker:
             return
         import mlflow
 
-        bound_http_retries()
         run, resumed = start_or_resume_run(uri, experiment, run_id, run_name)
         self.run_id = run.info.run_id
         if not resumed:  # params are immutable in MLflow; a resumed run already has them

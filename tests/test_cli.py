@@ -54,8 +54,8 @@ def test_exit_codes_and_status_file(case, dataset, tmp_path):
         rows = label.read_text().splitlines()
         name, cls, x1, y1, x2, y2 = rows[1].split(",")
         label.write_text("\n".join([rows[0], ",".join([name, cls, x2, y1, x1, y2]), *rows[2:]]) + "\n")
-    args = ["validate", "--data", str(dataset), "--out", str(tmp_path / "reports"), "--params", str(ROOT / "params.yaml"),
-            "-S", "data.image_size=64"]
+    args = ["validate", "--data", str(dataset), "--out", str(tmp_path / "reports"),
+            "--params", str(ROOT / "params.yaml"), "-S", "data.image_size=64"]
     if case == "usage":
         args.append("--frobnicate")
     status = tmp_path / "status"
