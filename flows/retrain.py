@@ -10,17 +10,19 @@ stage logic lives here. The fetch task runs ``dvc repro fetch``: fetch together 
 upstream, so fetch (and what depends on the data) reruns exactly then. The run summary says whether
 the data was fetched again and why (``ssd.fetch.fetch_reason``). The stage's stdout and stderr are
 streamed into the task's Prefect log line by line; a stage that fails raises ``StageFailed`` naming
-the stage and the last lines of its stderr.
+the stage and the last lines of its stderr (``TransientStageFailure`` when its command exited 75).
 
 Parameters work like ``dvc exp run -S key=value``: the overrides are written into ``params.yaml``
 (atomically, comments kept) before the stages run, so the workspace, ``dvc.lock`` and the model
 agree afterwards. ``nproc`` and ``source`` are shorthands for ``train.nproc`` (the number of torchrun
 processes in the train stage's command) and ``data.source``.
 
-Retries: ``ssd fetch`` already retries a flaky download for a few seconds; when it gives up on a
-transient failure (server unreachable, 5xx/429 or resets until its retries ran out) the fetch task
-is retried as a whole with exponential backoff. Anything else (HTTP 404, checksum mismatch, a bad
-archive or param) fails at once. ``register`` is retried the same way for an unreachable MLflow.
+Retries follow the ``ssd`` exit codes (``ssd.cli``) alone: a task is retried, with exponential
+backoff, when (and only when) its stage's command exited 75 (transient: a server unreachable, or
+5xx/429 after the command's own bounded retries); exit 1 (refused input, failed check) fails at once.
+DVC exits 255 whatever its command's status, so each stage reports that status in the file named by
+``SSD_EXIT_STATUS_FILE``, which ``run_stage`` sets; nothing human-readable is parsed. The tasks
+retried are those that talk to servers: fetch (the dataset's) and register (MLflow's).
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import io
 import json
 import os
 import queue
-import re
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
+from ssd.cli import EXIT_STATUS_ENV, EXIT_TEMPFAIL
 from ssd.fetch import FINGERPRINT_FILE, fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.files import atomic_write_text
 from ssd.params import apply_overrides, check_params, parse_yaml
@@ -59,21 +61,19 @@ ARTIFACT_KEY = "tinyssd-retrain"
 FETCH_RETRIES = 3
 FETCH_BACKOFF_S = 30.0             # task-level retries wait 30 s, 60 s, 120 s (plus jitter)
 TAIL_LINES = 15
-# What the stages print when they give up on something that may work later (ssd.fetch.download,
-# ssd.tracking.ensure_reachable). The stages run as subprocesses, so their messages are the interface.
-TRANSIENT = re.compile(r"failed after \d+ attempts|cannot reach |is unreachable")
 
 
 class StageFailed(RuntimeError):
-    """A pipeline stage exited non-zero; the message names the stage and ends with its stderr tail."""
+    """A pipeline stage exited non-zero; the message names the stage and ends with its stderr tail.
+    ``exit_status``: the status its ``ssd`` command reported (None if it reported none)."""
 
-    def __init__(self, stage: str, tail: str):
+    def __init__(self, stage: str, tail: str, exit_status: int | None = None):
         super().__init__(f"stage {stage!r} failed: {tail}")
-        self.stage, self.tail = stage, tail
+        self.stage, self.tail, self.exit_status = stage, tail, exit_status
 
 
 class TransientStageFailure(StageFailed):
-    """A stage failure that may succeed when retried (network, servers)."""
+    """A stage whose command exited 75 (``EX_TEMPFAIL``): it may succeed when retried."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,17 +95,40 @@ def _pump(stream: io.TextIOBase, name: str, lines: queue.Queue) -> None:
     lines.put((name, None))
 
 
+def _read_status(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):  # the command never got to report (not an ssd command, killed)
+        return None
+
+
 def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = print) -> str:
     """Run ``dvc repro --single-item stage`` (``dvc repro stage`` for ``WITH_UPSTREAM``) in
     ``project_dir``, passing each output line to ``log``.
 
     Returns what happened to ``stage`` itself: ``"ran"``, ``"skipped"`` (unchanged) or ``"restored"``
-    (from DVC's run cache). Raises ``TransientStageFailure`` or ``StageFailed`` with the last lines
-    of stderr when it exits non-zero.
+    (from DVC's run cache). Raises ``TransientStageFailure`` when it fails and its command exited 75,
+    else ``StageFailed``, with the last lines of stderr.
     """
+    import tempfile
+
     single = () if stage in WITH_UPSTREAM else ("--single-item",)
     command = [sys.executable, "-m", "dvc", "repro", *single, stage]
-    proc = subprocess.Popen(command, cwd=project_dir, env=stage_env(), stdout=subprocess.PIPE,
+    with tempfile.TemporaryDirectory(prefix="ssd-stage-") as tmp:
+        status_file = Path(tmp) / "exit_status"
+        env = {**stage_env(), EXIT_STATUS_ENV: str(status_file)}
+        outcome, tails, returncode = _stream(command, project_dir, env, stage, log)
+        status = _read_status(status_file)  # the last ssd command's: DVC stops at the failing one
+    if returncode != 0:
+        tail = "\n".join(tails["stderr"] or tails["stdout"]) or f"exit status {returncode}"
+        raise (TransientStageFailure if status == EXIT_TEMPFAIL else StageFailed)(stage, tail, status)
+    return outcome
+
+
+def _stream(command: list[str], cwd: str | Path, env: dict[str, str], stage: str,
+            log: Callable[[str], None]) -> tuple[str, dict[str, deque], int]:
+    """Run ``command``, passing each output line to ``log``; ``(outcome, stdout/stderr tails, exit status)``."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1)
     # Two reader threads feed one queue so neither pipe can fill up and block the stage; logging
     # stays in this (the task's) thread.
@@ -126,14 +149,11 @@ def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = 
             outcome = "skipped"
         elif f"'{stage}' is cached - skipping run" in line:
             outcome = "restored"
-    if proc.wait() != 0:
-        tail = "\n".join(tails["stderr"] or tails["stdout"]) or f"exit status {proc.returncode}"
-        raise (TransientStageFailure if TRANSIENT.search(tail) else StageFailed)(stage, tail)
-    return outcome
+    return outcome, tails, proc.wait()
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only failures that may go away on their own."""
+    """Retry only a stage whose command exited 75."""
     return isinstance(state.result(raise_on_failure=False), TransientStageFailure)
 
 

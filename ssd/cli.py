@@ -2,7 +2,21 @@
 
 Each module named in ``COMMANDS`` provides ``add_arguments(parser)`` and ``main(args)``; the CLI
 holds no logic. Only the chosen module is imported, so ``ssd --help`` stays fast.
-Exit codes: 0 success, 1 a refused input or failed check (message on stderr), 2 bad usage.
+
+Exit codes, the same for every command (:func:`exit_code` is the one mapping):
+
+==  ==========================================================================================
+0   success
+1   refused input or a failed check (``ValueError``, ``OSError``, ``RuntimeError``, an MLflow
+    error that is not transient): a one-line message on stderr; running it again will not help
+2   usage: an unknown command or option, a missing argument (argparse)
+75  transient failure (``EX_TEMPFAIL``, ``ssd.errors.TransientError``): a server unreachable, a
+    connection lost, or HTTP 5xx/429 after the command's own bounded retries; the same command
+    may succeed later, and the retraining flow retries a stage on this code alone
+==  ==========================================================================================
+
+When ``SSD_EXIT_STATUS_FILE`` is set, the status is also written there (the retraining flow sets
+it: ``dvc repro`` exits 255 whatever the status of the command it ran).
 """
 from __future__ import annotations
 
@@ -10,6 +24,11 @@ import argparse
 import importlib
 import os
 import sys
+
+from .errors import TransientError, is_transient
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
+EXIT_STATUS_ENV = "SSD_EXIT_STATUS_FILE"
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "source": ("ssd.fetch", "fingerprint the data source (rewritten only when it changed)"),
@@ -43,19 +62,59 @@ def get_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(exc: BaseException) -> int | None:
+    """The exit status for a stage's exception (module docstring), or None for a bug (re-raised).
+
+    MLflow and ``requests`` are asked about only when already imported: an exception of theirs
+    cannot exist otherwise, and ``ssd --help`` stays fast.
+    """
+    if isinstance(exc, TransientError):
+        return EXIT_TEMPFAIL
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException):
+        return EXIT_TEMPFAIL if is_transient(exc) else EXIT_FAILED
+    requests_errors = sys.modules.get("requests.exceptions")
+    if requests_errors is not None and isinstance(exc, requests_errors.RequestException):
+        return EXIT_TEMPFAIL  # a connection, timeout or retry failure talking to a server
+    if isinstance(exc, (ValueError, OSError, RuntimeError)):
+        return EXIT_FAILED
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (module docstring)."""
+    try:
+        code = _main(argv)
+    except SystemExit as exc:  # argparse: usage (2) or --help (0)
+        _report(exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_FAILED)
+        raise
+    _report(code)
+    return code
+
+
+def _report(code: int) -> None:
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path:
+        from .files import atomic_write_text
+
+        atomic_write_text(path, f"{code}\n")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = get_parser(command if command in COMMANDS else None).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     run = getattr(module, f"{args.command}_main", None) or module.main
     try:
-        return int(run(args) or 0)
-    except (ValueError, OSError, RuntimeError) as exc:
-        if os.environ.get("SSD_DEBUG"):
+        return int(run(args) or EXIT_OK)
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None or os.environ.get("SSD_DEBUG"):
             raise
-        print(f"ssd {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        kind = "transient error (retry later)" if code == EXIT_TEMPFAIL else "error"
+        print(f"ssd {args.command}: {kind}: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Metrics (``reports/eval.json``, DVC metrics):
   is a true positive if its IoU with a not yet matched ground-truth box of its class is >= 0.5
   (detections taken in decreasing score);
 - ``class_err``, ``bbox_mae``: the seed's training metrics on the validation split;
-- ``provenance``: git commit and data hash/source (``ssd.tracking.provenance``), as on the run.
+- ``provenance``: git commit and data hash/source (``ssd.tracking.provenance``), the training run's
+  tags (computed now only for a model without a run).
 
 Pictures: ``reports/pr_curve.csv`` (DVC plot of precision against recall over score thresholds),
 ``reports/pictures/pr_curve.png`` and ``reports/pictures/gallery.png`` (predictions above the
@@ -24,8 +25,6 @@ import argparse
 import csv
 import io
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -203,40 +202,6 @@ def write_reports(reports: Path, metrics: dict[str, Any], curve: Sequence[dict[s
     return paths
 
 
-def log_to_mlflow(run_file: Path, metrics: dict[str, Any], paths: dict[str, Path]) -> str | None:
-    """Log metrics (``val_*``) and the report files into the training's run; None if there is no run file."""
-    from .tracking import read_run_file
-
-    if not Path(run_file).is_file():
-        print(f"warning: {run_file} not found (no training run): skipped MLflow logging", file=sys.stderr)
-        return None
-    import mlflow
-    from mlflow.entities import Metric
-
-    from mlflow.exceptions import MlflowException
-
-    info = read_run_file(run_file)
-    client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
-    run_id = info["run_id"]
-    try:
-        client.get_run(run_id)
-    except MlflowException as exc:
-        # A clone that `dvc pull`ed the model and its committed run file, but not the store the
-        # run lives in: the reports are still written; only "does not exist" is skipped.
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        print(f"warning: MLflow run {run_id} (from {run_file}) is not in {info['tracking_uri']}: "
-              f"skipped MLflow logging", file=sys.stderr)
-        return None
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"val_{k}", float(v), now, 0)
-                                      for k, v in metrics.items() if isinstance(v, (int, float))])
-    client.log_artifact(run_id, str(paths["metrics"]), "evaluation")
-    client.log_artifact(run_id, str(paths["pr_curve"]), "evaluation")
-    client.log_artifacts(run_id, str(paths["pictures"]), "evaluation/pictures")
-    return run_id
-
-
 @dataclass(frozen=True)
 class Scores:
     """A model's results on a validation split: the stage's ``metrics``, and the detections per
@@ -284,8 +249,12 @@ def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Pa
              run_file: str | Path) -> dict[str, Any]:
     """The whole stage: metrics, curve and pictures written under ``reports``, logged to MLflow."""
     from .model import load_model
-    from .tracking import provenance
+    from .tracking import log_evaluation, provenance, run_provenance, training_run
 
+    run = training_run(run_file)  # first: an unreachable server fails the stage before any scoring
+    # The model's provenance is its training run's (the same tags as on the run and the version);
+    # only a model that came from elsewhere, with no run, gets the checkout's and data's.
+    origin = run_provenance(run.tags) if run else provenance(data_root)
     cfg = params["evaluate"]
     threshold = float(cfg["threshold"])
     net = load_model(model_path)
@@ -301,12 +270,13 @@ def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Pa
     gallery_fig = gallery_figure(dataset.images[:n], preds[:n], dataset.labels[:n], net.config.classes,
                                  threshold, dataset.names[:n])
     try:
-        paths = write_reports(Path(reports), {**metrics, "provenance": provenance(data_root)}, curve, pr_fig,
+        paths = write_reports(Path(reports), {**metrics, "provenance": origin}, curve, pr_fig,
                               gallery_fig)
     finally:
         plt.close(pr_fig)
         plt.close(gallery_fig)
-    log_to_mlflow(Path(run_file), metrics, paths)
+    if run:
+        log_evaluation(run, metrics, paths)
     return metrics
 
 

@@ -48,6 +48,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, TypeVar
 
+from ssd.errors import TransientError
 from ssd.files import atomic_write_json, file_digest
 from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, SPLIT_DIRS
 
@@ -65,7 +66,7 @@ CHUNK = 1 << 20
 T = TypeVar("T")
 
 
-class NetworkUnreachable(RuntimeError):
+class NetworkUnreachable(TransientError):
     """The server could not be reached at all (no DNS, refused or timed-out connection)."""
 
 
@@ -92,7 +93,8 @@ def _with_retries(url: str, attempt: Callable[[], T], what: str, retries: int, b
 
     Raises ``NetworkUnreachable`` at once when the server cannot be reached (no retries, so an
     offline run decides fast), ``HTTPStatusError`` for a 4xx or 501 answer, ``RuntimeError`` for a URL
-    that cannot be opened and when the retries (timeouts, resets, 5xx, 429) run out.
+    that cannot be opened, and ``TransientError`` (exit 75) when the retries (timeouts, resets, 5xx,
+    429) run out.
     """
     last: BaseException | None = None
     for attempt_no in range(retries + 1):
@@ -111,7 +113,7 @@ def _with_retries(url: str, attempt: Callable[[], T], what: str, retries: int, b
             raise RuntimeError(f"cannot open {url}: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:  # connected, then no, a broken or a short answer
             last = exc
-    raise RuntimeError(f"{what} {url} failed after {retries + 1} attempts: {last!r}")
+    raise TransientError(f"{what} {url} failed after {retries + 1} attempts: {last!r}")
 
 
 def _stream(url: str, sink: Callable[[bytes], None], timeout: float, progress: bool) -> None:

@@ -11,10 +11,20 @@ provenance (git commit, data hash and source: ``ssd.tracking.provenance``), and 
 yet, or val mAP@0.5 better by at least ``registry.min_improvement``). The version's description
 states its metrics and that decision; ``reports/registration.json`` records the outcome.
 
+Order, so that a failure moves nothing: everything the decision needs is read first (the run, the
+champion, an existing version); then the version is registered (or reused) and must load from the
+registry and predict one validation image (:func:`check_version`, tag ``load_check``); only then
+do ``challenger`` and ``champion`` move. Only MLflow's "does not exist" means "no champion" or "no
+such version"; any other error stops the stage: ``ssd.errors.TransientError`` (exit 75) for an
+unreachable or failing server (checked first, and MLflow's HTTP retries bounded:
+``ssd.tracking.client``), exit 1 for the rest.
+
 Running it twice is safe: a version already registered from the same run with the same weights
-(tags ``run_id`` and ``model_sha256``) is reused rather than duplicated. MLflow's REST client
-already retries transient HTTP failures (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``), so no retry loop
-is added here.
+(tags ``run_id`` and ``model_sha256``) is reused rather than duplicated.
+
+MLflow: the registry's operations (versions, aliases, tags, the logged model) live here, on the
+``MlflowClient`` from ``ssd.tracking.client``; ``log_model``/``register_model``/``load_model`` are
+MLflow's module functions because the client has no equivalent.
 """
 from __future__ import annotations
 
@@ -25,15 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import TransientError
 from .files import atomic_write_json, file_digest
-from .tracking import PROVENANCE_KEYS, read_run_file, split_digest
+from .tracking import client as mlflow_client
+from .errors import is_transient
+from .tracking import is_missing, read_run_file, run_provenance, split_digest
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
 MODEL_ARTIFACT = "model"    # the logged model's name inside the run
 # What the register stage reads (dvc.yaml lists them): re-scoring a champion uses the evaluate settings.
-PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "data.image_size", "data.max_image_pixels", "data.classes")
+PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "data.image_size", "data.max_image_pixels",
+          "data.classes")
 VAL_DIGEST = "val_digest"   # version tag: the validation split its val_* metrics were computed on
+LOAD_CHECK = "load_check"   # version tag: "passed", or "failed: <why>" (never champion then)
 
 
 @dataclass(frozen=True)
@@ -69,20 +84,6 @@ def decide_promotion(candidate: float, champion: float | None, min_improvement: 
                            f"by more than 0 and at least {min_improvement:g}")
 
 
-def _client(uri: str) -> Any:
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _mlflow_errors() -> type[Exception]:
-    from mlflow.exceptions import MlflowException
-
-    return MlflowException
-
-
 def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> str:
     """Log the pyfunc with ``model_path`` inside into run ``run_id``; returns the model URI."""
     import mlflow
@@ -100,7 +101,8 @@ def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> s
             artifacts={ssd_pyfunc.WEIGHTS_ARTIFACT: str(model_path)},
             signature=ssd_pyfunc.signature(threshold), input_example=ssd_pyfunc.example_input(),
             model_config={"image_size": int(params["data"]["image_size"]), "threshold": threshold,
-                          "nms_threshold": float(params["evaluate"]["nms_threshold"])},
+                          "nms_threshold": float(params["evaluate"]["nms_threshold"]),
+                          "max_image_pixels": int(params["data"]["max_image_pixels"])},
             # Explicit, so MLflow does not load the model in a subprocess to guess them. The `ssd`
             # package itself must be installed where the model is loaded (it is not on PyPI).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
@@ -111,12 +113,9 @@ def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> s
 
 
 def find_version(client: Any, name: str, run_id: str, model_sha: str) -> Any | None:
-    """The version of ``name`` already registered from ``run_id`` with these weights, if any."""
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except _mlflow_errors():
-        return None
-    for version in versions:
+    """The version of ``name`` already registered from ``run_id`` with these weights, if any. A
+    search that fails raises (never read as "none": that would register a duplicate)."""
+    for version in client.search_model_versions(f"name='{name}'"):
         tags = version.tags or {}
         if tags.get("run_id") == run_id and tags.get("model_sha256") == model_sha:
             return version
@@ -124,10 +123,14 @@ def find_version(client: Any, name: str, run_id: str, model_sha: str) -> Any | N
 
 
 def champion_of(client: Any, name: str) -> Any | None:
+    """The version ``champion`` points at; None only when MLflow says it does not exist (no such
+    model or alias). Any other error raises: read as "no champion" it would crown any candidate."""
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except _mlflow_errors():
-        return None
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise
 
 
 def validation_split(data_dir: str | Path) -> Path:
@@ -142,7 +145,8 @@ def rescore_version(name: str, version: int | str, params: dict[str, Any], split
     """The evaluate stage's metrics for registered ``version`` of ``name`` on the split ``split_dir``.
 
     The weights are the version's own: ``model.pt`` inside its logged model, downloaded from the
-    registry. ``RuntimeError`` naming the version when they cannot be downloaded or loaded.
+    registry. ``RuntimeError`` naming the version when they cannot be loaded, ``TransientError``
+    when the registry could not be reached to download them.
     """
     import tempfile
 
@@ -159,7 +163,9 @@ def rescore_version(name: str, version: int | str, params: dict[str, Any], split
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
             weights = Model.load(str(local)).flavors["python_function"]["artifacts"][WEIGHTS_ARTIFACT]["path"]
             net = load_model(local / weights)
-        except (_mlflow_errors(), OSError, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:
+            if is_transient(exc):
+                raise TransientError(f"cannot download {uri} to re-score it: {exc}") from None
             raise RuntimeError(f"cannot re-score {uri} on the current validation split: its model could not be "
                                f"loaded ({type(exc).__name__}: {exc})") from None
     return score(net, load_validation(params, split_dir), params).metrics
@@ -183,6 +189,34 @@ def champion_gate(name: str, champion: Any, candidate: float, val_digest: str, p
     gate[f"champion_rescored_{METRIC}"] = rescored
     gate[f"champion_{METRIC}"] = rescored if gate["rescored"] else gate[f"champion_stored_{METRIC}"]
     return gate
+
+
+def check_version(client: Any, name: str, version: str, split_dir: str | Path) -> None:
+    """Load registered ``version`` of ``name`` from the registry as a consumer would
+    (``models:/name/version``) and predict the first image of ``split_dir``; tag the version
+    ``load_check`` with the outcome. ``RuntimeError`` (exit 1) when it fails to load or predict;
+    ``TransientError`` when the registry could not be reached to try."""
+    import mlflow
+    import pandas as pd
+
+    from .pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS, encode_image
+
+    image = min((Path(split_dir) / "images").iterdir())
+    uri = f"models:/{name}/{version}"
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+        out = model.predict(pd.DataFrame({IMAGE_COLUMN: [encode_image(image.read_bytes())]}),
+                            params={"threshold": 0.0})
+        if list(out.columns) != OUTPUT_COLUMNS:
+            raise ValueError(f"columns {list(out.columns)}, expected {OUTPUT_COLUMNS}")
+    except Exception as exc:  # a model can fail to load or run in any way: none of them may be crowned
+        if is_transient(exc):
+            raise TransientError(f"cannot load {uri} to check it: {exc}") from None
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        client.set_model_version_tag(name, version, LOAD_CHECK, f"failed: {reason}")
+        raise RuntimeError(f"{uri} was registered but does not load and predict {image.name} ({reason}): "
+                           f"no alias moved") from None
+    client.set_model_version_tag(name, version, LOAD_CHECK, "passed")
 
 
 def version_description(metrics: dict[str, Any], decision: Decision) -> str:
@@ -211,7 +245,7 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
         raise ValueError(f"{eval_file}: no {METRIC!r} metric")
     run = read_run_file(run_file)
     run_id, uri = run["run_id"], run["tracking_uri"]
-    client = _client(uri)
+    client = mlflow_client(uri)  # an unreachable server fails here, in seconds (exit 75)
     model_sha = file_digest(model_path)
 
     metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -220,8 +254,9 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     split_dir = validation_split(data_dir)
     val_digest = split_digest(split_dir)
     metric_tags[VAL_DIGEST] = val_digest
-    run_tags = client.get_run(run_id).data.tags  # the version's provenance is its training run's
-    origin = {key: run_tags.get(key, "unknown") for key in PROVENANCE_KEYS}
+    origin = run_provenance(client.get_run(run_id).data.tags)  # the version's provenance is its run's
+    # Read before anything changes: an error in either stops the stage with nothing moved.
+    champion = champion_of(client, name)
     version = find_version(client, name, run_id, model_sha)
     reused = version is not None
     if version is None:
@@ -236,9 +271,9 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
             if (version.tags or {}).get(key) != value:
                 client.set_model_version_tag(name, str(version.version), key, value)
     version_no = str(version.version)
-    client.set_registered_model_alias(name, CHALLENGER, version_no)
+    if (version.tags or {}).get(LOAD_CHECK) != "passed":
+        check_version(client, name, version_no, split_dir)
 
-    champion = champion_of(client, name)
     candidate = float(metrics[METRIC])
     gate = None
     if champion is not None and str(champion.version) == version_no:
@@ -254,15 +289,16 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
                 f"; the champion was re-scored on this validation split ({val_digest[:19]}…): its stored "
                 f"{METRIC} {'unknown' if stored is None else f'{stored:.4f}'} was computed on "
                 + (f"{was_on[:19]}…" if was_on else "an unrecorded split")))
-        if decision.promote:
-            client.set_registered_model_alias(name, CHAMPION, version_no)
-            client.set_model_version_tag(name, version_no, "champion_reason", decision.reason)
+    client.set_registered_model_alias(name, CHALLENGER, version_no)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version_no)
+        client.set_model_version_tag(name, version_no, "champion_reason", decision.reason)
     client.update_model_version(name, version_no, description=version_description(metrics, decision))
-    champion = champion_of(client, name)
+    champion_version = version_no if decision.promote else champion.version if champion is not None else None
     aliases = sorted(client.get_model_version(name, version_no).aliases or [])
     record = {"model_name": name, "version": int(version_no), "model_uri": f"models:/{name}/{version_no}",
               "aliases": aliases, "decision": decision.label, "reason": decision.reason,
-              "champion_version": int(champion.version) if champion is not None else None,
+              "champion_version": int(champion_version) if champion_version is not None else None,
               f"val_{METRIC}": candidate, "run_id": run_id, "tracking_uri": uri, "reused_version": reused,
               "provenance": origin, VAL_DIGEST: val_digest, "gate": gate}
     atomic_write_json(out, record)
@@ -270,18 +306,18 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
 
 
 def promote(name: str, version: int | str, uri: str | None = None) -> dict[str, Any]:
-    """Point ``champion`` at ``version`` of ``name``; ``ValueError`` naming the versions if it does not exist."""
+    """Point ``champion`` at ``version`` of ``name``; ``ValueError`` naming the versions if it does not
+    exist (MLflow's "does not exist"; any other error raises as it is)."""
     from .tracking import tracking_uri
 
     uri = uri or tracking_uri()
-    client = _client(uri)
+    client = mlflow_client(uri)
     try:
         client.get_model_version(name, str(version))
-    except _mlflow_errors():
-        try:
-            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        except _mlflow_errors():
-            known = []
+    except Exception as exc:
+        if not is_missing(exc):
+            raise
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         raise ValueError(f"registered model {name!r} has no version {version} at {uri} "
                          f"(versions: {', '.join(map(str, known)) or 'none'})") from None
     previous = champion_of(client, name)
@@ -289,14 +325,6 @@ def promote(name: str, version: int | str, uri: str | None = None) -> dict[str, 
     client.set_model_version_tag(name, str(version), "champion_reason", "promoted manually (ssd promote)")
     return {"model_name": name, "version": int(version), "alias": CHAMPION,
             "previous_champion": int(previous.version) if previous is not None else None}
-
-
-def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn``; MLflow's own errors become ``RuntimeError`` so the CLI prints them and exits 1."""
-    try:
-        return fn(*args, **kwargs)
-    except _mlflow_errors() as exc:
-        raise RuntimeError(f"MLflow: {getattr(exc, 'message', exc)}") from None
 
 
 def add_register_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +335,7 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-file", default="models/mlflow_run.json",
                         help="the training's MLflow run (default: %(default)s)")
     parser.add_argument("--out", default="reports/registration.json", help="record (default: %(default)s)")
+    parser.add_argument("--data", default="data/raw", help="the data, for its validation split (default: %(default)s)")
     add_params_arguments(parser)
 
 
@@ -314,7 +343,7 @@ def register_main(args: argparse.Namespace) -> int:
     from .params import load_params, select_params
 
     params = select_params(load_params(args.params, args.set), PARAMS)
-    record = _registry_call(register, params, args.model, args.eval, args.run_file, args.out)
+    record = register(params, args.model, args.eval, args.run_file, args.out, args.data)
     print(json.dumps(record, indent=2))
     return 0
 
@@ -331,5 +360,5 @@ def promote_main(args: argparse.Namespace) -> int:
     from .params import load_params
 
     name = args.name or load_params(args.params, args.set)["registry"]["model_name"]
-    print(json.dumps(_registry_call(promote, name, args.version), indent=2))
+    print(json.dumps(promote(name, args.version), indent=2))
     return 0

@@ -4,6 +4,13 @@ The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a tracking server on a clu
 embedded SQLite store ``sqlite:///mlflow.db`` in the working directory (a laptop). The training
 stage starts the run and writes its id to ``RUN_FILE``; evaluation and registration read that file
 and log into the same run.
+
+This is the one module that talks to MLflow's tracking API: :func:`client` (every stage's
+``MlflowClient``: a reachable server checked first, MLflow's HTTP retries bounded), the training's
+run (:class:`Tracker`, which owns its run: MLflow's fluent API, so the run carries MLflow's
+context tags and dataset inputs), the evaluation logged into that run (:func:`log_evaluation`),
+and what an MLflow error means (:func:`is_missing`; ``ssd.errors.is_transient``). ``ssd.registry`` keeps
+the registry's own operations (versions, aliases, the logged model), through :func:`client`.
 """
 from __future__ import annotations
 
@@ -13,12 +20,19 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from .errors import TransientError, is_transient
 from .files import atomic_write_json, file_digest
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_FILE = Path("models/mlflow_run.json")
+# MLflow's own HTTP retries, unless the environment sets them: its defaults (7 retries, backoff
+# factor 2, 120 s timeout) keep a failing server's stage silent for minutes. With these a request
+# that keeps failing gives up after about 3 s (retries after 0 s and 2 s, plus jitter); the flow
+# then retries the whole stage later (exit 75).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 
 def tracking_uri() -> str:
@@ -37,9 +51,39 @@ def ensure_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
                 response.read()
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+            raise TransientError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
                                f"(`mlflow server --host 127.0.0.1 ...`) or unset MLFLOW_TRACKING_URI") from None
     return uri
+
+
+def bound_http_retries() -> None:
+    """Set ``HTTP_DEFAULTS`` for this process where the environment does not set them (MLflow reads
+    them at every request)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` for tracking and registry at ``uri`` (default :func:`tracking_uri`).
+
+    An HTTP server is checked first (:func:`ensure_reachable`: ``TransientError`` in seconds when it
+    does not answer) and MLflow's HTTP retries are bounded (:func:`bound_http_retries`).
+    """
+    uri = ensure_reachable(uri)  # before importing MLflow: a dead server is reported in a second
+    bound_http_retries()
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # for the fluent calls made with this client (log_model, load_model)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def is_missing(exc: BaseException) -> bool:
+    """Whether an MLflow error says the thing asked for does not exist (``RESOURCE_DOES_NOT_EXIST``,
+    HTTP 404): the only error that may be read as "none"."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 def write_run_file(run_id: str, uri: str, path: str | Path = RUN_FILE, **extra: Any) -> None:
@@ -241,14 +285,15 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
     Returns ``(active mlflow run, resumed)``. The caller ends it (``mlflow.end_run``).
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
+    store = client(uri)
     if run_id:
         try:
-            mlflow.MlflowClient(uri).get_run(run_id)
+            store.get_run(run_id)
             return mlflow.start_run(run_id=run_id), True
-        except MlflowException:
+        except Exception as exc:
+            if not is_missing(exc):  # a failing server is not a missing run: no second run for one model
+                raise
             import warnings
 
             warnings.warn(f"MLflow run {run_id} is not in {uri}; starting a new run", stacklevel=2)
@@ -256,5 +301,110 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
     if EXPERIMENT_KIND_TAG not in found.tags:
         # MLflow 3's UI opens an experiment of unknown kind on its GenAI traces overview (empty here);
         # this tag makes it open on the training runs, with their datasets and model versions.
-        mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        store.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     return mlflow.start_run(run_name=run_name), False
+
+
+class Tracker:
+    """The pipeline's MLflow run, on rank 0 only (every method is a no-op elsewhere)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.run_id = ""
+
+    def start(self, *, uri: str, experiment: str, run_id: str | None, run_name: str, params: dict[str, Any],
+              tags: dict[str, str], data: Path) -> None:
+        if not self.active:
+            return
+        import mlflow
+
+        run, resumed = start_or_resume_run(uri, experiment, run_id, run_name)
+        self.run_id = run.info.run_id
+        if not resumed:  # params are immutable in MLflow; a resumed run already has them
+            mlflow.log_params(flatten_params(params))
+        mlflow.set_tags(tags)
+        log_dataset_inputs(data)  # the same name and digest again on a resume: MLflow keeps one
+        self.uri, self.experiment = uri, experiment
+
+    def write_run_file(self, path: Path) -> None:
+        """Name the run beside the model it made (written with the model, so the two always match)."""
+        if self.active:
+            write_run_file(self.run_id, self.uri, path, experiment=self.experiment)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None:
+        if not self.active:
+            return
+        import shutil
+        import tempfile
+
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=epoch)
+        with tempfile.TemporaryDirectory() as tmp:  # one artifact, always the latest checkpoint
+            shutil.copy(checkpoint, Path(tmp) / "last.pt")
+            mlflow.log_artifact(str(Path(tmp) / "last.pt"), artifact_path="checkpoints")
+        mlflow.set_tag("checkpoint_epoch", str(epoch))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active and self.run_id:
+            import mlflow
+
+            mlflow.end_run(status=status)
+
+
+# ----------------------------------------------------------------------------------------------
+# Later stages: the training's run, read and logged into through a client.
+
+class TrainingRun(NamedTuple):
+    client: Any              # MlflowClient
+    run_id: str
+    tags: dict[str, str]
+
+
+def training_run(run_file: str | Path = RUN_FILE) -> TrainingRun | None:
+    """The training's run named in ``run_file``, or None (with a
+    warning on stderr) when there is no such file, or the store it names does not have the run (a
+    clone that ``dvc pull``-ed the model but not the store). Any other MLflow error propagates."""
+    import sys
+
+    if not Path(run_file).is_file():
+        print(f"warning: {run_file} not found (no training run): skipped MLflow logging", file=sys.stderr)
+        return None
+    info = read_run_file(run_file)
+    found = client(info["tracking_uri"])
+    try:
+        run = found.get_run(info["run_id"])
+    except Exception as exc:
+        if not is_missing(exc):
+            raise
+        print(f"warning: MLflow run {info['run_id']} (from {run_file}) is not in {info['tracking_uri']}: "
+              f"skipped MLflow logging", file=sys.stderr)
+        return None
+    return TrainingRun(found, info["run_id"], dict(run.data.tags))
+
+
+def run_provenance(tags: dict[str, str]) -> dict[str, str]:
+    """The :func:`provenance` a run was tagged with (``unknown`` for a key it lacks)."""
+    return {key: tags.get(key, "unknown") for key in PROVENANCE_KEYS}
+
+
+def log_evaluation(run: TrainingRun, metrics: dict[str, Any], paths: dict[str, Path]) -> None:
+    """Log the evaluate stage's metrics (as ``val_*``) and report files (under ``evaluation/``) into
+    the training's run (:func:`training_run`)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    found, run_id = run.client, run.run_id
+    now = int(time.time() * 1000)
+    found.log_batch(run_id, metrics=[Metric(f"val_{k}", float(v), now, 0)
+                                     for k, v in metrics.items() if isinstance(v, (int, float))])
+    found.log_artifact(run_id, str(paths["metrics"]), "evaluation")
+    found.log_artifact(run_id, str(paths["pr_curve"]), "evaluation")
+    found.log_artifacts(run_id, str(paths["pictures"]), "evaluation/pictures")

@@ -333,63 +333,6 @@ def curve_figure(history: list[dict[str, float]], epochs: int):
     return fig
 
 
-class Tracker:
-    """The pipeline's MLflow run, on rank 0 only (every method is a no-op elsewhere)."""
-
-    def __init__(self, active: bool) -> None:
-        self.active = active
-        self.run_id = ""
-
-    def start(self, *, uri: str, experiment: str, run_id: str | None, run_name: str, params: dict[str, Any],
-              tags: dict[str, str], data: Path) -> None:
-        if not self.active:
-            return
-        import mlflow
-
-        from .tracking import flatten_params, log_dataset_inputs, start_or_resume_run
-
-        run, resumed = start_or_resume_run(uri, experiment, run_id, run_name)
-        self.run_id = run.info.run_id
-        if not resumed:  # params are immutable in MLflow; a resumed run already has them
-            mlflow.log_params(flatten_params(params))
-        mlflow.set_tags(tags)
-        log_dataset_inputs(data)  # the same name and digest again on a resume: MLflow keeps one
-        self.uri, self.experiment = uri, experiment
-
-    def write_run_file(self, path: Path) -> None:
-        """Name the run beside the model it made (written with the model, so the two always match)."""
-        if self.active:
-            from .tracking import write_run_file
-
-            write_run_file(self.run_id, self.uri, path, experiment=self.experiment)
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None:
-        if not self.active:
-            return
-        import shutil
-        import tempfile
-
-        import mlflow
-
-        mlflow.log_metrics(metrics, step=epoch)
-        with tempfile.TemporaryDirectory() as tmp:  # one artifact, always the latest checkpoint
-            shutil.copy(checkpoint, Path(tmp) / "last.pt")
-            mlflow.log_artifact(str(Path(tmp) / "last.pt"), artifact_path="checkpoints")
-        mlflow.set_tag("checkpoint_epoch", str(epoch))
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.active:
-            import mlflow
-
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-    def end(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id:
-            import mlflow
-
-            mlflow.end_run(status=status)
-
-
 # ----------------------------------------------------------------------------------------------
 # The stage, in steps: build -> resume -> fit -> finish
 
@@ -411,13 +354,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .params import load_params, select_params
+    from .tracking import ensure_reachable, tracking_uri
 
     params = select_params(load_params(args.params, args.set), PARAMS)
     info = dist.init_distributed()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
+        uri = ensure_reachable(tracking_uri()) if info.is_main else ""  # before any file or training time
         with _workspace_lock(args.checkpoint_dir, info):
-            train(params, args, info)
+            train(params, args, info, uri)
     finally:  # leave the process as it was (tests call this in-process)
         torch.use_deterministic_algorithms(deterministic)
         dist.destroy_distributed()
@@ -448,11 +393,10 @@ class Progress:
     stale: list[Path] = field(default_factory=list)  # an earlier run's checkpoints, removed after epoch 1
 
 
-def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo) -> dict[str, Any]:
-    """The whole stage; returns the final metrics (on every rank)."""
-    from .tracking import ensure_reachable, provenance, run_name, tracking_uri
+def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo, uri: str) -> dict[str, Any]:
+    """The whole stage, tracked in MLflow at ``uri`` (rank 0); returns the final metrics (on every rank)."""
+    from .tracking import Tracker, provenance, run_name
 
-    uri = ensure_reachable(tracking_uri()) if info.is_main else ""  # before any training time is spent
     setup = build(params, args.data, info)
     progress = resume(setup, params, args)
     origin = provenance(args.data) if info.is_main else {}  # hashes the data: rank 0 only

@@ -23,6 +23,7 @@ import pytest
 
 from flows import retrain as rt
 from project_copy import copy_project
+from servers import dead_port
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny but complete: 16 train / 8 val images of 160 px (the generator's minimum is 150; validate wants
@@ -234,17 +235,18 @@ def test_write_params_keeps_comments_and_checks_keys(tmp_path):
         rt.flow_overrides([], 0, None)
 
 
-def test_stage_failure_names_stage_and_classifies_transient(tmp_path):
+def test_stage_failure_is_transient_exactly_when_its_command_exited_75(tmp_path):
     project = make_project(tmp_path)
-    # A fetch from a port where nothing listens: `ssd fetch` says "cannot reach" -> transient.
-    with pytest.raises(rt.TransientStageFailure, match=r"stage 'fetch' failed: .*cannot reach"):
-        rt.write_params(project / "params.yaml", ['data.source="http://127.0.0.1:9/x.zip"'])
+    # A fetch from a port where nothing listens: `ssd fetch` exits 75 (dvc repro itself exits 255).
+    rt.write_params(project / "params.yaml", [f'data.source="http://127.0.0.1:{dead_port()}/x.zip"'])
+    with pytest.raises(rt.TransientStageFailure, match=r"stage 'fetch' failed: .*cannot reach") as info:
         rt.run_stage("fetch", project, log=lambda line: None)
-    # A missing zip is not transient.
+    assert info.value.exit_status == 75
+    # A missing zip is refused input: exit 1, not transient.
     rt.write_params(project / "params.yaml", ['data.source="/nonexistent/x.zip"'])
     with pytest.raises(rt.StageFailed, match=r"stage 'fetch' failed: .*nonexistent") as info:
         rt.run_stage("fetch", project, log=lambda line: None)
-    assert not isinstance(info.value, rt.TransientStageFailure)
+    assert not isinstance(info.value, rt.TransientStageFailure) and info.value.exit_status == 1
 
 
 @pytest.mark.parametrize("register, decision, aliases, standing", [
@@ -331,6 +333,40 @@ def test_permanent_fetch_error_is_not_retried(prefect_api, archive_server, tmp_p
     with pytest.raises(rt.StageFailed, match=r"stage 'fetch' failed: (.|\n)*HTTP 404"):
         state.result()
     assert archive_server.log == [("/missing.zip", 404)]  # one request: neither ssd fetch nor Prefect retried
+    assert task_runs(state.state_details.flow_run_id)["fetch"].run_count == 1
+
+
+def _fetch_only(project: Path, source: str):
+    """A flow of the real fetch task alone (its retries, no delay) on ``project``; its final state."""
+    from prefect import flow
+
+    rt.write_params(project / "params.yaml", TINY + [f'data.source="{source}"'])
+
+    @flow(name="fetch-only")
+    def fetch_only() -> str:
+        return rt.fetch.with_options(retry_delay_seconds=0)(str(project))
+
+    return fetch_only(return_state=True)
+
+
+def test_task_retries_on_exit_75_and_only_then(prefect_api, archive_server, tmp_path):
+    from ssd.fetch import RETRIES
+
+    # Every attempt of the first `ssd fetch` gets 503: it gives up, exit 75; the task's retry gets the zip.
+    archive_server.fail["/good.zip"] = RETRIES + 1
+    archive_server.log.clear()
+    state = _fetch_only(make_project(tmp_path / "flaky"), archive_server.url("/good.zip"))
+    assert state.is_completed(), state
+    assert archive_server.log == [("/good.zip", 503)] * (RETRIES + 1) + [("/good.zip", 200)]
+    assert task_runs(state.state_details.flow_run_id)["fetch"].run_count == 2
+
+    # A 404 is refused input: exit 1, the same task is not retried.
+    archive_server.log.clear()
+    state = _fetch_only(make_project(tmp_path / "missing"), archive_server.url("/missing.zip"))
+    assert state.is_failed()
+    with pytest.raises(rt.StageFailed, match="HTTP 404") as info:
+        state.result()
+    assert info.value.exit_status == 1 and archive_server.log == [("/missing.zip", 404)]
     assert task_runs(state.state_details.flow_run_id)["fetch"].run_count == 1
 
 

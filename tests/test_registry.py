@@ -1,5 +1,9 @@
-"""Model registry: the promotion rule, and registration/promotion against a real `mlflow server`."""
+"""Model registry: the promotion rule, and registration/promotion against a real `mlflow server`,
+directly and behind a real HTTP proxy that answers 500 where a test says."""
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ from ssd.model import TinySSD, save_model
 from ssd.params import load_params
 from ssd.registry import decide_promotion, register
 from ssd.tracking import PROVENANCE_KEYS, write_run_file
+from servers import FaultyProxy, dead_port
 from tiny_data import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +123,97 @@ def test_register_without_eval_file_is_a_clear_error(tmp_path, capsys):
     assert rc == 1
     assert "eval.json not found" in capsys.readouterr().err
     assert not (tmp_path / "registration.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: every failure other than "does not exist" stops `ssd register` with nothing moved.
+
+def _register_cli(run: dict, name: str, uri: str | None = None) -> int:
+    """``ssd register`` (through ``ssd.cli.main``) for a run made by ``_training_run``; ``uri``: the
+    tracking server its run file names (e.g. a proxy in front of the real one)."""
+    if uri is not None:
+        info = json.loads(run["run_file"].read_text())
+        write_run_file(info["run_id"], uri, run["run_file"])
+    return cli_main(["register", "--params", str(ROOT / "params.yaml"), "-S", "data.image_size=64",
+                     "-S", f"registry.model_name={name}", "--model", str(run["model_path"]), "--eval",
+                     str(run["eval_file"]), "--run-file", str(run["run_file"]), "--out", str(run["out"]),
+                     "--data", str(run["data_dir"])])
+
+
+def _state(client, name: str) -> tuple[list[tuple[str, list[str]]], str | None]:
+    """Every version of ``name`` with its aliases, and the champion's version."""
+    versions = sorted((v.version, sorted(client.get_model_version(name, v.version).aliases))
+                      for v in client.search_model_versions(f"name='{name}'"))
+    champion = [v for v, aliases in versions if "champion" in aliases]
+    return versions, champion[0] if champion else None
+
+
+def _with_champion(tmp_path: Path, server: str, name: str) -> tuple[object, dict]:
+    """``name`` with version 1 (val map_50 0.26) as champion and challenger."""
+    import mlflow
+
+    good = _training_run(tmp_path / "good", server, seed=0, map_50=0.26)
+    assert _register_cli(good, name) == 0
+    client = mlflow.MlflowClient(server, server)
+    assert _state(client, name) == ([("1", ["challenger", "champion"])], "1")
+    return client, good
+
+
+@pytest.mark.slow
+def test_failing_champion_lookup_moves_nothing(mlflow_server, tmp_path, capsys):
+    """A 500 on the alias lookup once read as "no champion" crowned a far worse model (0.01)."""
+    name = "tinyssd-fault-alias"
+    client, _ = _with_champion(tmp_path, mlflow_server, name)
+    worse = _training_run(tmp_path / "worse", mlflow_server, seed=1, map_50=0.01)
+    with FaultyProxy(mlflow_server, fail=("registered-models/alias",)) as proxy:
+        assert _register_cli(worse, name, proxy.uri) == 75
+    assert proxy.failed() and all("registered-models/alias" in path for _, path, _ in proxy.failed())
+    assert "transient error" in capsys.readouterr().err
+    assert _state(client, name) == ([("1", ["challenger", "champion"])], "1")  # nothing registered or moved
+    assert not worse["out"].exists()
+
+
+@pytest.mark.slow
+def test_failing_version_search_registers_no_duplicate(mlflow_server, tmp_path):
+    """A 500 on the version search once read as "not registered yet" registered a duplicate."""
+    name = "tinyssd-fault-search"
+    client, good = _with_champion(tmp_path, mlflow_server, name)
+    good["out"].unlink()
+    with FaultyProxy(mlflow_server, fail=("model-versions/search",)) as proxy:
+        assert _register_cli(good, name, proxy.uri) == 75  # the same run and weights again
+    assert [path for _, path, _ in proxy.failed()] and not good["out"].exists()
+    assert _state(client, name) == ([("1", ["challenger", "champion"])], "1")
+
+
+def test_unreachable_server_fails_in_seconds(tmp_path):
+    """A real `ssd register` process against a port where nothing listens: exit 75 at once (it
+    hung for minutes in MLflow's own HTTP retries)."""
+    save_model(TinySSD(1), tmp_path / "model.pt")
+    (tmp_path / "eval.json").write_text(json.dumps({"map_50": 0.5}))
+    write_run_file("0" * 32, f"http://127.0.0.1:{dead_port()}", tmp_path / "mlflow_run.json")
+    run = {"model_path": tmp_path / "model.pt", "eval_file": tmp_path / "eval.json", "out": tmp_path / "out.json",
+           "run_file": tmp_path / "mlflow_run.json", "data_dir": write_dataset(tmp_path / "raw", train=1, val=2, size=64)}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "ssd", "register", "--params", str(ROOT / "params.yaml"),
+                             "--model", str(run["model_path"]), "--eval", str(run["eval_file"]), "--run-file",
+                             str(run["run_file"]), "--out", str(run["out"]), "--data", str(run["data_dir"])],
+                            capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert "is unreachable" in result.stderr and elapsed < 10, elapsed  # checked before MLflow is imported
+    assert not run["out"].exists()
+
+
+@pytest.mark.slow
+def test_model_that_does_not_load_is_registered_but_never_champion(mlflow_server, tmp_path, capsys):
+    import mlflow
+
+    name = "tinyssd-fault-load"
+    broken = _training_run(tmp_path / "broken", mlflow_server, seed=0, map_50=0.9)
+    broken["model_path"].write_bytes(b"not a TinySSD model file")  # registered as it is; fails to load
+    assert _register_cli(broken, name) == 1
+    assert "does not load and predict" in capsys.readouterr().err
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+    assert _state(client, name) == ([("1", [])], None)  # no champion even with none before: no alias at all
+    assert client.get_model_version(name, "1").tags["load_check"].startswith("failed: ")
+    assert not broken["out"].exists()
