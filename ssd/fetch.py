@@ -45,6 +45,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, TypeVar
 
@@ -573,6 +574,132 @@ _RESOLVES_TO = {"d2l": "d2l", "unreachable": "synthetic", "synthetic": "syntheti
                 "folder": "folder"}
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What one fetch was asked for, resolved against params before anything is written."""
+    source: str
+    kind: str                           # source_kind(source)
+    sha1: str | None                    # --sha1 as given; d2l/auto default to params data.sha1
+    data: dict[str, Any]                # params' data section (url and sha1 read only for d2l/auto)
+    synth: dict[str, Any]
+    image_size: int
+    fingerprint: dict[str, Any] | None  # None unless it checked this very source
+    progress: bool
+
+
+@dataclass(frozen=True)
+class _Obtained:
+    """The archive (or folder) a source gave, its SHA-1 as computed and as expected (falsy: not
+    checked), and the manifest fields saying where it came from."""
+    archive: Path
+    computed: str | None
+    expected: str | None
+    origin: dict[str, Any]
+
+
+def _resolve(source: str | None, sha1: str | None, params: dict[str, Any], fingerprint: dict[str, Any] | None,
+             progress: bool) -> _Request:
+    data = params["data"]
+    source = source or data["source"]
+    synth, image_size = dict(data["synthetic"]), data["image_size"]
+    kind = source_kind(source)
+    if kind == "folder" and sha1:
+        raise ValueError(f"a SHA-1 checks an archive, and source {source!r} is a folder")
+    if fingerprint is not None and fingerprint.get("source") != source:
+        fingerprint = None  # a check of another source (a stale file, or `ssd fetch --source` by hand)
+    return _Request(source, kind, sha1, data, synth, image_size, fingerprint, progress)
+
+
+def _obtain_synthetic(request: _Request, work: Path, fallback_reason: str | None = None) -> _Obtained:
+    archive = _generate(work, request.synth, request.image_size, request.progress)
+    origin: dict[str, Any] = {"resolved_source": "synthetic"}
+    if fallback_reason is not None:
+        origin.update(synthetic_fallback=True, fallback_reason=fallback_reason)
+    origin["synthetic"] = request.synth
+    # A fallback's data were never asked for: the checksum given was the d2l archive's.
+    expected = None if fallback_reason is not None else request.sha1
+    return _Obtained(archive, file_digest(archive, "sha1"), expected, origin)
+
+
+def _obtain_d2l(request: _Request, work: Path, out: Path) -> _Obtained:
+    """The d2l archive; for ``auto``, generated data when the network is unreachable, unless the
+    source check saw the URL answer (then the data would silently change kind: an error instead)."""
+    url = request.data["url"]
+    if not url:
+        raise ValueError("params data.url is empty: no URL for the d2l archive")
+    expected = request.sha1 or request.data["sha1"]
+    archive = work / Path(urllib.parse.urlparse(url).path).name
+    try:
+        computed = download(url, archive, progress=request.progress)
+    except NetworkUnreachable as exc:
+        if request.kind != "auto" or (request.fingerprint or {}).get("kind") == "d2l":
+            raise
+        _warn(f"{exc}.\nFalling back to the SYNTHETIC banana dataset (generated, not the real "
+              f"one). Results will not be comparable with the book's. Recorded in {out / 'manifest.json'}.")
+        return _obtain_synthetic(request, work, fallback_reason=str(exc))
+    return _Obtained(archive, computed, expected, {"resolved_source": "d2l", "url": url})
+
+
+def _obtain(request: _Request, work: Path, out: Path) -> _Obtained:
+    """Bring the source into ``work`` (a folder or a local zip is read where it is)."""
+    source, kind = request.source, request.kind
+    if kind == "folder":
+        return _Obtained(Path(source), None, request.sha1, {"resolved_source": "folder",
+                                                            "path": str(Path(source).resolve())})
+    if kind in ("auto", "d2l"):
+        return _obtain_d2l(request, work, out)
+    if kind == "synthetic":
+        return _obtain_synthetic(request, work)
+    if kind == "url":
+        archive = work / (Path(urllib.parse.urlparse(source).path).name or "archive.zip")
+        computed = download(source, archive, progress=request.progress)
+        return _Obtained(archive, computed, request.sha1, {"resolved_source": "url", "url": source})
+    path = Path(source)
+    return _Obtained(path, file_digest(path, "sha1"), request.sha1, {"resolved_source": "file",
+                                                                     "path": str(path.resolve())})
+
+
+def _verify(request: _Request, got: _Obtained) -> dict[str, Any]:
+    """Check the SHA-1 and that the source is still the one the source check saw; returns the
+    manifest's identity fields. Runs before anything is unpacked, so a refusal writes nothing."""
+    expected, computed, fingerprint = got.expected, got.computed, request.fingerprint
+    if expected and computed.lower() != expected.lower():
+        where = got.origin.get("url") or got.origin.get("path") or request.source
+        raise ValueError(f"SHA-1 mismatch for {where}: expected {expected}, got {computed}; "
+                         f"refusing it (the previous data is kept)")
+    if request.kind == "folder":
+        folder_splits(got.archive)  # refuse a folder in neither layout before hashing it
+        identity, key = tree_identity(got.archive), "tree_sha256"
+    else:
+        identity, key = file_identity(got.archive), "sha256"
+    if fingerprint and fingerprint.get(key) and fingerprint[key] != identity[key]:
+        raise ValueError(f"{request.source} changed between the source check ({key} {fingerprint[key][:12]}…) "
+                         f"and this fetch ({key} {identity[key][:12]}…): run the pipeline again")
+    # Recorded only when it describes what was fetched: a check that failed, or that saw another
+    # kind of source, must not let the next check call this data current.
+    agrees = fingerprint is not None and not fingerprint.get("error") and \
+        _RESOLVES_TO.get(fingerprint.get("kind", "")) == got.origin["resolved_source"]
+    return {"sha1": computed, "expected_sha1": expected or None, "verified": bool(expected), key: identity[key],
+            "source_bytes": identity["bytes"], "source_fingerprint": fingerprint if agrees else None}
+
+
+def _unpack(request: _Request, got: _Obtained, new: Path) -> dict[str, Any]:
+    """Extract (or copy a folder) into ``new`` in the banana layout; returns the manifest's counts."""
+    if request.kind == "folder":
+        counts: dict[str, Any] = {"copied_files": copy_folder(got.archive, new / DATASET_DIR)}
+    else:
+        new.mkdir()
+        counts = {"extracted_files": safe_extract(got.archive, new)}
+    return {**counts, "files": _check_layout(new), "dataset": DATASET_DIR}
+
+
+def _swap_in(new: Path, out: Path, old: Path) -> None:
+    """Two renames: ``out`` is whole before and after, never a mix (``old`` goes with the work folder)."""
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+
+
 def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[str, Any], *, progress: bool = True,
           fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fetch the dataset into ``out`` (``out/banana-detection/...`` and ``out/manifest.json``).
@@ -589,86 +716,22 @@ def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[st
     folder in neither layout, a source that changed since the check), ``FileNotFoundError`` (missing
     zip) or ``RuntimeError`` (download failed); ``out`` is then untouched.
     """
-    data = params["data"]
-    source = source or data["source"]
-    synth = dict(data["synthetic"])
-    image_size = data["image_size"]
+    request = _resolve(source, sha1, params, fingerprint, progress)
     out = Path(out)
-    kind = source_kind(source)
-    if kind == "folder" and sha1:
-        raise ValueError(f"a SHA-1 checks an archive, and source {source!r} is a folder")
-    if fingerprint is not None and fingerprint.get("source") != source:
-        fingerprint = None  # a check of another source (a stale file, or `ssd fetch --source` by hand)
     out.parent.mkdir(parents=True, exist_ok=True)
     for path in remove_leftovers(out.parent):
         print(f"removed {path}: left by a fetch that was killed", file=sys.stderr)
-    manifest: dict[str, Any] = {"requested_source": source, "synthetic_fallback": False}
+    manifest: dict[str, Any] = {"requested_source": request.source, "synthetic_fallback": False}
 
+    # Beside `out`, so the final rename stays on one filesystem; `new` becomes `out`.
     with tempfile.TemporaryDirectory(prefix=work_prefix(), dir=out.parent) as work_dir:
-        work, new = Path(work_dir), Path(work_dir) / "new"  # `new` becomes `out`
-        expected = sha1
-        if kind == "folder":
-            archive, computed = Path(source), None
-            manifest.update(resolved_source="folder", path=str(archive.resolve()))
-        elif kind in ("auto", "d2l"):
-            url = data["url"]
-            if not url:
-                raise ValueError("params data.url is empty: no URL for the d2l archive")
-            expected = sha1 or data["sha1"]
-            archive = work / Path(urllib.parse.urlparse(url).path).name
-            try:
-                computed = download(url, archive, progress=progress)
-                manifest.update(resolved_source="d2l", url=url)
-            except NetworkUnreachable as exc:
-                if kind != "auto" or (fingerprint or {}).get("kind") == "d2l":
-                    raise
-                _warn(f"{exc}.\nFalling back to the SYNTHETIC banana dataset (generated, not the real "
-                      f"one). Results will not be comparable with the book's. Recorded in {out / 'manifest.json'}.")
-                archive, expected = _generate(work, synth, image_size, progress), None
-                computed = file_digest(archive, "sha1")
-                manifest.update(resolved_source="synthetic", synthetic_fallback=True, fallback_reason=str(exc),
-                                synthetic=synth)
-        elif kind == "synthetic":
-            archive = _generate(work, synth, image_size, progress)
-            computed = file_digest(archive, "sha1")
-            manifest.update(resolved_source="synthetic", synthetic=synth)
-        elif kind == "url":
-            archive = work / (Path(urllib.parse.urlparse(source).path).name or "archive.zip")
-            computed = download(source, archive, progress=progress)
-            manifest.update(resolved_source="url", url=source)
-        else:
-            path = Path(source)
-            archive, computed = path, file_digest(path, "sha1")
-            manifest.update(resolved_source="file", path=str(path.resolve()))
-
-        if expected and computed.lower() != expected.lower():
-            raise ValueError(f"SHA-1 mismatch for {manifest.get('url') or manifest.get('path') or source}: "
-                             f"expected {expected}, got {computed}; refusing it (the previous data is kept)")
-        if kind == "folder":
-            folder_splits(archive)  # refuse a folder in neither layout before hashing it
-            identity, key = tree_identity(archive), "tree_sha256"
-        else:
-            identity, key = file_identity(archive), "sha256"
-        if fingerprint and fingerprint.get(key) and fingerprint[key] != identity[key]:
-            raise ValueError(f"{source} changed between the source check ({key} {fingerprint[key][:12]}…) "
-                             f"and this fetch ({key} {identity[key][:12]}…): run the pipeline again")
-        agrees = fingerprint is not None and not fingerprint.get("error") and \
-            _RESOLVES_TO.get(fingerprint.get("kind", "")) == manifest["resolved_source"]
-        manifest.update(sha1=computed, expected_sha1=expected or None, verified=bool(expected),
-                        **{key: identity[key]}, source_bytes=identity["bytes"],
-                        source_fingerprint=fingerprint if agrees else None)
-
-        if kind == "folder":
-            manifest["copied_files"] = copy_folder(archive, new / DATASET_DIR)
-        else:
-            new.mkdir()
-            manifest["extracted_files"] = safe_extract(archive, new)
-        manifest["files"] = _check_layout(new)
-        manifest["dataset"] = DATASET_DIR
+        work, new = Path(work_dir), Path(work_dir) / "new"
+        got = _obtain(request, work, out)
+        manifest.update(got.origin)
+        manifest.update(_verify(request, got))
+        manifest.update(_unpack(request, got, new))
         atomic_write_json(new / "manifest.json", manifest)
-        if out.exists():
-            os.replace(out, work / "old")  # removed with the work folder
-        os.replace(new, out)
+        _swap_in(new, out, work / "old")
     return manifest
 
 
