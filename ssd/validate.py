@@ -62,68 +62,76 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"min": round(float(a.min()), 4), "max": round(float(a.max()), 4), "mean": round(float(a.mean()), 4)}
 
 
-def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str],
-                strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict[str, Any], dict[str, list[tuple[int, float, float, float, float]]]]:
-    """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
-    image_dir = split_dir / IMAGES_DIR
-    if not image_dir.is_dir():
-        problems.append(f"{image_dir}: images folder missing")
-        return {}, {}
-    sizes = _decode_images(image_dir, image_size if strict else None, problems, max_pixels)
-    all_files = {p.name for p in image_dir.iterdir() if p.is_file()}
-    try:
-        labels_path = label_file(split_dir)
-        table = read_labels(labels_path)
-    except (OSError, ValueError) as exc:  # missing file, unparsable csv, missing column
-        problems.append(str(exc))
-        return {}, {}
-    if tuple(table.columns) != LABEL_COLUMNS:
-        problems.append(f"{labels_path}: header {','.join(map(str, table.columns))}, expected {','.join(LABEL_COLUMNS)}")
+Box = tuple[int, float, float, float, float]  # class index, xmin, ymin, xmax, ymax
 
+
+def _box_problems(row: Any, values: list[float], size: tuple[int, int]) -> list[str]:
+    """What is wrong with a row's coordinates ``values`` in an image of ``size`` (width, height)."""
+    non_finite = [f"{c}={getattr(row, c)!r}" for c, v in zip(COORDS, values) if not math.isfinite(v)]
+    if non_finite:
+        return [f"not finite numbers: {', '.join(non_finite)}"]
+    x1, y1, x2, y2 = values
+    width, height = size
+    bad = []
+    if not 0 <= x1 < x2 <= width:
+        bad.append(f"x range {x1:g}..{x2:g} is not 0 <= xmin < xmax <= {width}")
+    if not 0 <= y1 < y2 <= height:
+        bad.append(f"y range {y1:g}..{y2:g} is not 0 <= ymin < ymax <= {height}")
+    return bad
+
+
+def _row_problems(row: Any, values: list[float], where: str, image_dir: Path, files: set[str],
+                  sizes: dict[str, tuple[int, int]], image_size: int,
+                  classes: Sequence[str]) -> tuple[list[str], int | None]:
+    """Everything wrong with one label row (all of it, not the first), and its class index."""
+    bad = []
+    name = row.img_name
+    if not isinstance(name, str) or not name.strip():
+        bad.append("empty img_name")
+    elif name not in files:
+        bad.append(f"image {image_dir / name} does not exist")
+    cls = None
+    try:
+        cls = class_index(row.label, classes, where)
+    except ValueError as exc:
+        bad.append(str(exc).removeprefix(f"{where}: "))
+    # An unreadable image has no size of its own: its boxes are checked against the nominal one.
+    size = sizes.get(name, (image_size, image_size)) if isinstance(name, str) else (image_size,) * 2
+    return bad + _box_problems(row, values, size), cls
+
+
+def _check_rows(table: pd.DataFrame, labels_path: Path, image_dir: Path, files: set[str],
+                sizes: dict[str, tuple[int, int]], image_size: int, classes: Sequence[str],
+                problems: list[str]) -> dict[str, list[Box]]:
+    """Check every label row, appending to ``problems``; returns the good boxes per image."""
     numbers = {c: pd.to_numeric(table[c], errors="coerce") for c in COORDS}
     duplicated = table.astype(str).duplicated(keep="first")
     first_seen: dict[tuple, int] = {}
-    boxes: dict[str, list[tuple[int, float, float, float, float]]] = {}
+    boxes: dict[str, list[Box]] = {}
     for i, row in enumerate(table.itertuples(index=False)):
-        where = f"{labels_path} row {i + 2}"
+        where = f"{labels_path} row {i + 2}"  # the line in the csv: the header is line 1
         key = tuple(str(v) for v in row)
         if duplicated.iloc[i]:
             problems.append(f"{where}: duplicate of row {first_seen[key]}")
             continue
         first_seen[key] = i + 2
-        bad = []
-        name = row.img_name
-        if not isinstance(name, str) or not name.strip():
-            bad.append("empty img_name")
-        elif name not in all_files:
-            bad.append(f"image {image_dir / name} does not exist")
-        try:
-            cls = class_index(row.label, classes, where)
-        except ValueError as exc:
-            bad.append(str(exc).removeprefix(f"{where}: "))
         values = [numbers[c].iloc[i] for c in COORDS]
-        non_finite = [f"{c}={getattr(row, c)!r}" for c, v in zip(COORDS, values) if not math.isfinite(v)]
-        if non_finite:
-            bad.append(f"not finite numbers: {', '.join(non_finite)}")
-        else:
-            x1, y1, x2, y2 = values
-            width, height = sizes.get(name, (image_size, image_size)) if isinstance(name, str) else (image_size,) * 2
-            if not 0 <= x1 < x2 <= width:
-                bad.append(f"x range {x1:g}..{x2:g} is not 0 <= xmin < xmax <= {width}")
-            if not 0 <= y1 < y2 <= height:
-                bad.append(f"y range {y1:g}..{y2:g} is not 0 <= ymin < ymax <= {height}")
+        bad, cls = _row_problems(row, values, where, image_dir, files, sizes, image_size, classes)
         if bad:
             problems.append(f"{where}: {'; '.join(bad)}")
         else:
-            boxes.setdefault(name, []).append((cls, *values))
-    labelled = {n for n in table[LABEL_COLUMNS[0]] if isinstance(n, str)}
-    problems.extend(f"{image_dir / n}: image has no label row in {labels_path}" for n in sorted(all_files - labelled))
+            boxes.setdefault(row.img_name, []).append((cls, *values))
+    return boxes
 
+
+def _split_stats(files: set[str], table: pd.DataFrame, boxes: dict[str, list[Box]],
+                 classes: Sequence[str]) -> dict[str, Any]:
+    """The report's figures for one split, over its good boxes only."""
     flat = [b for bs in boxes.values() for b in bs]
     w = [b[3] - b[1] for b in flat]
     h = [b[4] - b[2] for b in flat]
-    stats = {
-        "images": len(all_files),
+    return {
+        "images": len(files),
         "label_rows": len(table),
         "objects_per_image": _stats([len(bs) for bs in boxes.values()]),
         "classes": {classes[c]: sum(1 for b in flat if b[0] == c) for c in range(len(classes))},
@@ -133,7 +141,30 @@ def check_split(split_dir: Path, image_size: int, classes: Sequence[str], proble
         "box_x_range": [float(min(b[1] for b in flat)), float(max(b[3] for b in flat))] if flat else [],
         "box_y_range": [float(min(b[2] for b in flat)), float(max(b[4] for b in flat))] if flat else [],
     }
-    return stats, boxes
+
+
+def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str],
+                strict: bool = True,
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict[str, Any], dict[str, list[Box]]]:
+    """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
+    image_dir = split_dir / IMAGES_DIR
+    if not image_dir.is_dir():
+        problems.append(f"{image_dir}: images folder missing")
+        return {}, {}
+    sizes = _decode_images(image_dir, image_size if strict else None, problems, max_pixels)
+    files = {p.name for p in image_dir.iterdir() if p.is_file()}
+    try:
+        labels_path = label_file(split_dir)
+        table = read_labels(labels_path)
+    except (OSError, ValueError) as exc:  # missing file, unparsable csv, missing column
+        problems.append(str(exc))
+        return {}, {}
+    if tuple(table.columns) != LABEL_COLUMNS:
+        problems.append(f"{labels_path}: header {','.join(map(str, table.columns))}, expected {','.join(LABEL_COLUMNS)}")
+    boxes = _check_rows(table, labels_path, image_dir, files, sizes, image_size, classes, problems)
+    labelled = {n for n in table[LABEL_COLUMNS[0]] if isinstance(n, str)}
+    problems.extend(f"{image_dir / n}: image has no label row in {labels_path}" for n in sorted(files - labelled))
+    return _split_stats(files, table, boxes, classes), boxes
 
 
 def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str], n: int = 16,
