@@ -228,14 +228,26 @@ def version_description(metrics: dict[str, Any], decision: Decision) -> str:
             f"**Champion decision**: {decision.label}: {decision.reason}")
 
 
-def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
-             eval_file: str | Path = "reports/eval.json", run_file: str | Path = "models/mlflow_run.json",
-             out: str | Path = "reports/registration.json", data_dir: str | Path = "data/raw") -> dict[str, Any]:
-    """The whole stage (see the module docstring); returns what it writes to ``out``."""
+@dataclass(frozen=True)
+class _Before:
+    """What the stage decides on, all read before anything in the registry changes: an error while
+    reading stops the stage with nothing registered and no alias moved."""
+    name: str
+    min_improvement: float
+    metrics: dict[str, Any]
+    run_id: str
+    uri: str
+    client: Any
+    model_sha: str
+    split_dir: Path
+    val_digest: str
+    metric_tags: dict[str, str]
+    origin: dict[str, str]          # the training run's provenance (git commit, data hash and source)
+    champion: Any | None
+    existing: Any | None            # the version already registered from this run with these weights
 
-    cfg = params["registry"]
-    name, min_improvement = str(cfg["model_name"]), float(cfg["min_improvement"])
-    model_path, eval_file = Path(model_path), Path(eval_file)
+
+def _read_metrics(model_path: Path, eval_file: Path) -> dict[str, Any]:
     if not model_path.is_file():
         raise FileNotFoundError(f"model file not found: {model_path} (run the train stage first)")
     if not eval_file.is_file():
@@ -243,6 +255,14 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     metrics = json.loads(eval_file.read_text())
     if METRIC not in metrics:
         raise ValueError(f"{eval_file}: no {METRIC!r} metric")
+    return metrics
+
+
+def _read_before(params: dict[str, Any], model_path: Path, eval_file: Path, run_file: str | Path,
+                 data_dir: str | Path) -> _Before:
+    cfg = params["registry"]
+    name, min_improvement = str(cfg["model_name"]), float(cfg["min_improvement"])
+    metrics = _read_metrics(model_path, eval_file)
     run = read_run_file(run_file)
     run_id, uri = run["run_id"], run["tracking_uri"]
     client = mlflow_client(uri)  # an unreachable server fails here, in seconds (exit 75)
@@ -255,52 +275,89 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
     val_digest = split_digest(split_dir)
     metric_tags[VAL_DIGEST] = val_digest
     origin = run_provenance(client.get_run(run_id).data.tags)  # the version's provenance is its run's
-    # Read before anything changes: an error in either stops the stage with nothing moved.
     champion = champion_of(client, name)
-    version = find_version(client, name, run_id, model_sha)
-    reused = version is not None
+    existing = find_version(client, name, run_id, model_sha)
+    return _Before(name, min_improvement, metrics, run_id, uri, client, model_sha, split_dir, val_digest,
+                   metric_tags, origin, champion, existing)
+
+
+def _register_or_reuse(before: _Before, model_path: Path, params: dict[str, Any]) -> Any:
+    """The model version for these weights: registered now, or the one found before."""
+    name, client, version = before.name, before.client, before.existing
     if version is None:
         import mlflow
 
-        model_uri = log_pyfunc(run_id, model_path, params)
-        tags = {**metric_tags, **origin, "run_id": run_id, "model_sha256": model_sha}
-        version = mlflow.register_model(model_uri, name, tags=tags)
-    else:
-        # Same weights, maybe re-evaluated (other threshold): the tags follow the current eval.json.
-        for key, value in {**metric_tags, **origin}.items():
-            if (version.tags or {}).get(key) != value:
-                client.set_model_version_tag(name, str(version.version), key, value)
-    version_no = str(version.version)
-    if (version.tags or {}).get(LOAD_CHECK) != "passed":
-        check_version(client, name, version_no, split_dir)
+        model_uri = log_pyfunc(before.run_id, model_path, params)
+        tags = {**before.metric_tags, **before.origin, "run_id": before.run_id, "model_sha256": before.model_sha}
+        return mlflow.register_model(model_uri, name, tags=tags)
+    # Same weights, maybe re-evaluated (other threshold): the tags follow the current eval.json.
+    for key, value in {**before.metric_tags, **before.origin}.items():
+        if (version.tags or {}).get(key) != value:
+            client.set_model_version_tag(name, str(version.version), key, value)
+    return version
 
-    candidate = float(metrics[METRIC])
-    gate = None
+
+def _rescore_note(gate: dict[str, Any]) -> str:
+    """Why the champion's figure is not its stored one, for the decision's reason."""
+    stored, was_on = gate[f"champion_stored_{METRIC}"], gate["champion_stored_val_digest"]
+    return (f"; the champion was re-scored on this validation split ({gate['val_digest'][:19]}…): its stored "
+            f"{METRIC} {'unknown' if stored is None else f'{stored:.4f}'} was computed on "
+            + (f"{was_on[:19]}…" if was_on else "an unrecorded split"))
+
+
+def _decide(before: _Before, version_no: str, candidate: float,
+            params: dict[str, Any]) -> tuple[Decision, dict[str, Any] | None]:
+    """The champion decision for ``version_no`` and the figures it compared (None: no comparison)."""
+    champion = before.champion
     if champion is not None and str(champion.version) == version_no:
-        decision = Decision(False, f"version {version_no} is already the champion")
-    else:
-        # Raises when the champion cannot be re-scored: no comparison, so no promotion.
-        gate = champion_gate(name, champion, candidate, val_digest, params, split_dir) if champion else None
-        decision = decide_promotion(candidate, gate[f"champion_{METRIC}"] if gate else None,
-                                    min_improvement, has_champion=champion is not None)
-        if gate and gate["rescored"]:
-            stored, was_on = gate[f"champion_stored_{METRIC}"], gate["champion_stored_val_digest"]
-            decision = Decision(decision.promote, decision.reason + (
-                f"; the champion was re-scored on this validation split ({val_digest[:19]}…): its stored "
-                f"{METRIC} {'unknown' if stored is None else f'{stored:.4f}'} was computed on "
-                + (f"{was_on[:19]}…" if was_on else "an unrecorded split")))
+        return Decision(False, f"version {version_no} is already the champion"), None
+    # Raises when the champion cannot be re-scored: no comparison, so no promotion.
+    gate = champion_gate(before.name, champion, candidate, before.val_digest, params,
+                         before.split_dir) if champion else None
+    decision = decide_promotion(candidate, gate[f"champion_{METRIC}"] if gate else None,
+                                before.min_improvement, has_champion=champion is not None)
+    if gate and gate["rescored"]:
+        decision = Decision(decision.promote, decision.reason + _rescore_note(gate))
+    return decision, gate
+
+
+def _move_aliases(before: _Before, version_no: str, decision: Decision) -> None:
+    name, client = before.name, before.client
     client.set_registered_model_alias(name, CHALLENGER, version_no)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version_no)
         client.set_model_version_tag(name, version_no, "champion_reason", decision.reason)
-    client.update_model_version(name, version_no, description=version_description(metrics, decision))
+    client.update_model_version(name, version_no, description=version_description(before.metrics, decision))
+
+
+def _record(before: _Before, version_no: str, decision: Decision, gate: dict[str, Any] | None,
+            candidate: float) -> dict[str, Any]:
+    """What ``reports/registration.json`` says; the aliases as the registry has them now."""
+    name, champion = before.name, before.champion
     champion_version = version_no if decision.promote else champion.version if champion is not None else None
-    aliases = sorted(client.get_model_version(name, version_no).aliases or [])
-    record = {"model_name": name, "version": int(version_no), "model_uri": f"models:/{name}/{version_no}",
-              "aliases": aliases, "decision": decision.label, "reason": decision.reason,
-              "champion_version": int(champion_version) if champion_version is not None else None,
-              f"val_{METRIC}": candidate, "run_id": run_id, "tracking_uri": uri, "reused_version": reused,
-              "provenance": origin, VAL_DIGEST: val_digest, "gate": gate}
+    aliases = sorted(before.client.get_model_version(name, version_no).aliases or [])
+    return {"model_name": name, "version": int(version_no), "model_uri": f"models:/{name}/{version_no}",
+            "aliases": aliases, "decision": decision.label, "reason": decision.reason,
+            "champion_version": int(champion_version) if champion_version is not None else None,
+            f"val_{METRIC}": candidate, "run_id": before.run_id, "tracking_uri": before.uri,
+            "reused_version": before.existing is not None, "provenance": before.origin,
+            VAL_DIGEST: before.val_digest, "gate": gate}
+
+
+def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
+             eval_file: str | Path = "reports/eval.json", run_file: str | Path = "models/mlflow_run.json",
+             out: str | Path = "reports/registration.json", data_dir: str | Path = "data/raw") -> dict[str, Any]:
+    """The whole stage (see the module docstring); returns what it writes to ``out``."""
+    model_path = Path(model_path)
+    before = _read_before(params, model_path, Path(eval_file), run_file, data_dir)
+    version = _register_or_reuse(before, model_path, params)
+    version_no = str(version.version)
+    if (version.tags or {}).get(LOAD_CHECK) != "passed":  # checked once per version: the weights do not change
+        check_version(before.client, before.name, version_no, before.split_dir)
+    candidate = float(before.metrics[METRIC])
+    decision, gate = _decide(before, version_no, candidate, params)
+    _move_aliases(before, version_no, decision)
+    record = _record(before, version_no, decision, gate, candidate)
     atomic_write_json(out, record)
     return record
 
