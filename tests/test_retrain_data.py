@@ -428,8 +428,9 @@ def test_gate_rescores_champion_on_the_new_split(mlflow_server, tmp_path):
 
 @pytest.mark.slow
 def test_champion_that_cannot_be_loaded_stops_registration(mlflow_server, tmp_path, capsys, monkeypatch):
-    """Weights that do not load (registered fine: MLflow only warns) make re-scoring fail loudly,
-    through `ssd register` too: exit 1, no record, the champion alias unchanged."""
+    """A champion whose weights do not load (no alias moves to such a version by itself, but a person
+    may set one) makes re-scoring fail loudly, through `ssd register` too: exit 1, no record, the
+    champion alias unchanged."""
     import mlflow
 
     from ssd.cli import main as cli_main
@@ -441,13 +442,16 @@ def test_champion_that_cannot_be_loaded_stops_registration(mlflow_server, tmp_pa
     params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={name}"])
     split_a = write_dataset(tmp_path / "A", train=1, val=2, size=64, seed=0)
     split_b = write_dataset(tmp_path / "B", train=1, val=2, size=64, seed=10)
-    register(params, **_candidate(tmp_path / "v1", mlflow_server, map_50=0.1, weights=b"not a model"),
-             data_dir=split_a)
+    with pytest.raises(RuntimeError, match="does not load"):  # registered, but no alias moves to it
+        register(params, **_candidate(tmp_path / "v1", mlflow_server, map_50=0.1, weights=b"not a model"),
+                 data_dir=split_a)
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+    # A person makes it champion anyway in the UI (as `ssd promote` or an older release could).
+    client.set_registered_model_alias(name, "champion", "1")
     challenger = _candidate(tmp_path / "v2", mlflow_server, map_50=0.9)
     with pytest.raises(RuntimeError, match=rf"cannot re-score models:/{name}/1 .*could not be loaded"):
         register(params, **challenger, data_dir=split_b)
     assert not challenger["out"].exists()
-    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
     # `ssd register` reads data/raw from where it runs: there, split B.
