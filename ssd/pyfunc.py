@@ -12,6 +12,11 @@ Output: a DataFrame with one row per detection: ``image`` (the input row), ``cla
 without a detection above the threshold have no row. Param ``threshold`` (default: the
 evaluation threshold the model was registered with) is the minimum score.
 
+The model runs on the first GPU when there is one, else on the CPU; a model logged with a
+``device`` entry in its model config (``"auto"``, ``"cpu"``, ``"cuda:1"``) can be pointed elsewhere at
+load time (``mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})``, or
+``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cpu"}'`` for ``mlflow models serve``).
+
 The model is logged "from code": MLflow stores this file with the model and runs it at load time
 (the ``set_model`` call at the bottom), so nothing is pickled. Its imports are absolute because
 of that, and the environment that loads the model needs the ``ssd`` package installed
@@ -64,9 +69,11 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):  # noqa: ANN001
         from ssd.model import load_model
+        from ssd.predict import best_device
 
         config = context.model_config or {}
-        self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT])
+        device = best_device(config.get("device"))
+        self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT], map_location=device)
         self.image_size = int(config.get("image_size", 256))
         self.nms_threshold = float(config.get("nms_threshold", 0.5))
         self.threshold = float(config.get("threshold", 0.9))
