@@ -94,6 +94,9 @@ def _assign_batched(ground_truth: torch.Tensor, valid: torch.Tensor, anchors: to
     flat = sub.view(batch_size, -1)
     num_real = valid.sum(dim=1)
     rows = torch.arange(batch_size, device=device)
+    # Assigned through index tensors, a Python scalar would be copied from the host each time (a
+    # sync on a GPU); a 0-dim tensor already on the device is not.
+    discarded = torch.full((), -1.0, dtype=sub.dtype, device=device)
     for step in range(num_boxes):
         max_idx = flat.argmax(dim=1)
         box_idx = max_idx % num_boxes
@@ -102,7 +105,7 @@ def _assign_batched(ground_truth: torch.Tensor, valid: torch.Tensor, anchors: to
         active = step < num_real
         current = anchors_bbox_map[rows, anc_idx]
         anchors_bbox_map[rows, anc_idx] = torch.where(active, box_idx, current)
-        sub[rows, :, box_idx] = -1.0
+        sub[rows, :, box_idx] = discarded
         # An anchor can be a candidate of several boxes: discard every copy of its row.
         sub.masked_fill_((candidates == anc_idx[:, None])[..., None], -1.0)
     return anchors_bbox_map
