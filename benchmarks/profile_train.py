@@ -22,16 +22,17 @@ FAMILIES = (("convolution", ("conv", "mkldnn_convolution")), ("batch_norm", ("ba
             ("loss_and_targets", ("cross_entropy", "nll_loss", "log_softmax", "l1", "abs", "topk", "gather")))
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """fp32 GFLOP/s of an ``n x n`` matmul (best of ``reps``): the practical peak of this CPU."""
+def matmul_gflops(n: int = 2048, reps: int = 5) -> tuple[float, float]:
+    """fp32 GFLOP/s of an ``n x n`` matmul, best of ``reps``: per wall second (the practical peak of
+    this CPU when nothing else runs) and per CPU-second of all threads (per core, whatever the load)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(reps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - cpu_start)
+    return 2 * n**3 / wall / 1e9, 2 * n**3 / cpu / 1e9
 
 
 def family(name: str) -> str:
@@ -89,31 +90,32 @@ def main(argv: list[str] | None = None) -> int:
             step()
     by_family: dict[str, float] = defaultdict(float)
     conv_flops = 0.0
-    total = 0.0
-    for evt in prof.key_averages():
-        if evt.cpu_parent is not None:  # top-level ops only (children are inside their parents' time)
-            continue
-        total += evt.self_cpu_time_total
+    n_peak = 2048
     # Self time per op, grouped: sums to the step's time without double counting.
     for evt in prof.key_averages():
         by_family[family(evt.key)] += evt.self_cpu_time_total
         if "conv" in evt.key:
             conv_flops += evt.flops or 0
     self_total = sum(by_family.values())
-    peak = matmul_gflops()
+    peak, per_core = matmul_gflops(n_peak)
     print(f"{precision}, {'channels_last' if channels_last else 'NCHW'}, batch {B}, {S}x{S}, "
           f"{torch.get_num_threads()} threads, freed memory kept: {kept}")
-    print(f"step: {wall:.2f} s wall = {B / wall:.1f} examples/s; CPU per step: user {user:.2f} s, system {system:.2f} s")
+    print(f"step: {wall:.2f} s wall = {B / wall:.1f} examples/s; CPU per step: user {user:.2f} s, "
+          f"system {system:.2f} s = {(user + system) / B:.3f} CPU-s/example")
     for fam, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
         print(f"  {fam:<18} {100 * us / self_total:5.1f}%")
+    others = sorted(((e.self_cpu_time_total, e.key) for e in prof.key_averages() if family(e.key) == "other"),
+                    reverse=True)[:6]
+    print("  other, largest: " + ", ".join(f"{k} {100 * us / self_total:.1f}%" for us, k in others))
+    step_flops = 3 * conv_flops / args.steps  # the profiler counts forward FLOPs; backward is about 2x that
     conv_s = by_family["convolution"] / 1e6 / args.steps
-    step_flops = conv_flops / args.steps  # forward FLOPs the profiler counts; backward is about 2x that
-    print(f"convolutions (forward, counted by the profiler): {step_flops / B / 1e9:.2f} GFLOP/example; "
-          f"forward + backward ~ {3 * step_flops / B / 1e9:.2f} GFLOP/example")
-    print(f"convolution time {conv_s:.2f} s/step -> {3 * step_flops / conv_s / 1e9:.0f} GFLOP/s; "
-          f"fp32 matmul peak here {peak:.0f} GFLOP/s")
-    floor = 3 * step_flops / (peak * 1e9)
-    print(f"lower bound from the FLOPs at that peak: {floor:.2f} s/step = {B / floor:.1f} examples/s at most")
+    print(f"convolutions: {step_flops / B / 1e9:.2f} GFLOP/example forward + backward; they ran at "
+          f"{step_flops / conv_s / 1e9:.0f} GFLOP/s ({100 * by_family['convolution'] / self_total:.0f}% of the step)")
+    print(f"fp32 matmul {n_peak}x{n_peak}: {peak:.0f} GFLOP/s wall, {per_core:.0f} GFLOP per CPU-second "
+          f"(x {torch.get_num_threads()} threads = {per_core * torch.get_num_threads():.0f} GFLOP/s on free cores)")
+    floor = step_flops / B / (per_core * 1e9)
+    print(f"floor from the FLOPs alone at that rate: {floor:.3f} CPU-s/example "
+          f"= {torch.get_num_threads() / floor:.1f} examples/s at most on free cores")
     return 0
 
 

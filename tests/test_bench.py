@@ -85,6 +85,7 @@ def test_smoke_bench_measures_everything(tmp_path):
     assert ours["precision"] in ("fp32", "bf16", "fp16")  # `auto` resolved to what this machine runs
     assert ours["channels_last"] is True  # the default of params.yaml (none in the project: the package's)
     assert math.isclose(ours["speedup_vs_seed"], ours["examples_per_sec"] / seed["examples_per_sec"])
+    assert math.isclose(ours["cpu_speedup_vs_seed"], ours["examples_per_cpu_sec"] / seed["examples_per_cpu_sec"])
     for key, ours_key, seed_key in (("detection", "ours_ms_per_image", "seed_ms_per_image"),
                                     ("target", "ours_ms", "seed_ms")):
         r = report[key]
