@@ -157,8 +157,6 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
 def _time_ours(spec: dict[str, Any], device: torch.device, images: torch.Tensor, labels: torch.Tensor
                ) -> tuple[dict[str, float], dict[str, Any]]:
     """``ssd.train.train_one_epoch``'s step without the loader, after ``ssd train``'s process setup."""
-    import sys as _sys
-
     from ssd.distributed import keep_freed_memory
     from ssd.model import TinySSD
     from ssd.train import AUTOCAST_DTYPES, forward_loss, resolve_precision
@@ -174,7 +172,7 @@ def _time_ours(spec: dict[str, Any], device: torch.device, images: torch.Tensor,
     net.train()
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     totals = torch.zeros(6, dtype=torch.float64, device=device)
-    first_bad = torch.full((), _sys.maxsize, dtype=torch.int64, device=device)
+    first_bad = torch.full((), sys.maxsize, dtype=torch.int64, device=device)
 
     def step() -> None:
         nonlocal first_bad
