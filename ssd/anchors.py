@@ -9,7 +9,7 @@ batch together.
 from __future__ import annotations
 
 import torch
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 from .boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
 
@@ -94,6 +94,9 @@ def _assign_batched(ground_truth: torch.Tensor, valid: torch.Tensor, anchors: to
     flat = sub.view(batch_size, -1)
     num_real = valid.sum(dim=1)
     rows = torch.arange(batch_size, device=device)
+    # Assigned through index tensors, a Python scalar would be copied from the host each time (a
+    # sync on a GPU); a 0-dim tensor already on the device is not.
+    discarded = torch.full((), -1.0, dtype=sub.dtype, device=device)
     for step in range(num_boxes):
         max_idx = flat.argmax(dim=1)
         box_idx = max_idx % num_boxes
@@ -102,7 +105,7 @@ def _assign_batched(ground_truth: torch.Tensor, valid: torch.Tensor, anchors: to
         active = step < num_real
         current = anchors_bbox_map[rows, anc_idx]
         anchors_bbox_map[rows, anc_idx] = torch.where(active, box_idx, current)
-        sub[rows, :, box_idx] = -1.0
+        sub[rows, :, box_idx] = discarded
         # An anchor can be a candidate of several boxes: discard every copy of its row.
         sub.masked_fill_((candidates == anc_idx[:, None])[..., None], -1.0)
     return anchors_bbox_map
@@ -188,39 +191,49 @@ def multibox_target(anchors: torch.Tensor, labels: torch.Tensor, iou_threshold: 
 
 
 def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anchors: torch.Tensor,
-                       nms_threshold: float = 0.5, pos_threshold: float = 0.009999999) -> torch.Tensor:
+                       nms_threshold: float = 0.5, pos_threshold: float = 0.009999999, *,
+                       per_class: bool = False) -> torch.Tensor:
     """Decode predictions and suppress overlapping boxes.
 
     Args:
         cls_probs: ``Tensor[B, C + 1, A]`` class probabilities, background first.
         offset_preds: ``Tensor[B, A * 4]``; anchors: ``Tensor[1, A, 4]``.
+        per_class: suppress only boxes of the same predicted class (one NMS per image and class);
+            the default is the book's class-agnostic NMS (one per image).
 
     Returns:
         ``Tensor[B, A, 6]`` rows ``(class_id, score, x1, y1, x2, y2)``. Kept detections come
         first in decreasing score, as in the book. Every other row has ``class_id = -1``:
         suppressed rows keep their score and rows scoring under ``pos_threshold`` get
-        ``1 - score``, as in the book. NMS is class-agnostic like the book's, but runs only
-        on rows at or above ``pos_threshold`` (those under it end as -1 either way), so the
-        -1 rows follow in anchor order rather than the book's mixed order.
+        ``1 - score``, as in the book. NMS runs only on rows at or above ``pos_threshold``
+        (those under it end as -1 either way), so the -1 rows follow in anchor order rather
+        than the book's mixed order.
+
+    The whole batch goes through one ``batched_nms`` (each image, or image and class, a group):
+    no Python loop over images, and on a GPU one host sync (the number of rows above the floor).
     """
-    batch_size, _, num_anchors = cls_probs.shape
+    batch_size, num_classes, num_anchors = cls_probs.shape
+    device = cls_probs.device
     anchors = anchors.reshape(-1, 4)
     conf, class_id = torch.max(cls_probs[:, 1:], dim=1)
     predicted_bb = offset_inverse(anchors, offset_preds.reshape(batch_size, num_anchors, 4))
     below = conf < pos_threshold
 
-    order = torch.empty(batch_size, num_anchors, dtype=torch.long, device=cls_probs.device)
-    kept = torch.zeros(batch_size, num_anchors, dtype=torch.bool, device=cls_probs.device)
-    for i in range(batch_size):
-        # Rank with the book's own sort so ties break the same way; torchvision's NMS then gets
-        # strictly decreasing stand-in scores, so it cannot reorder tied boxes.
-        ranked = torch.argsort(conf[i], dim=-1, descending=True)
-        ranked = ranked[~below[i, ranked]]
-        stand_in = torch.arange(len(ranked), 0, -1, dtype=torch.float32, device=ranked.device)
-        keep = ranked[nms(predicted_bb[i, ranked].float(), stand_in, nms_threshold)]
-        kept[i, keep] = True
-        order[i] = torch.cat((keep, torch.nonzero(~kept[i]).reshape(-1)))
+    # Rank with the book's own sort so ties break the same way (each row of a CPU sort is sorted on
+    # its own, as the book's per-image call does); NMS then gets the rank as a strictly decreasing
+    # stand-in score, so it cannot reorder tied boxes.
+    ranked = torch.argsort(conf, dim=-1, descending=True)
+    positions = torch.arange(num_anchors, device=device).expand(batch_size, -1)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
+    image, anchor = torch.nonzero(~below, as_tuple=True)
+    group = image * (num_classes - 1) + class_id[image, anchor] if per_class else image
+    stand_in = (num_anchors - rank[image, anchor]).float()
+    keep = batched_nms(predicted_bb[image, anchor].float(), stand_in, group, nms_threshold)
+    kept = torch.zeros(batch_size, num_anchors, dtype=torch.bool, device=device)
+    kept[image[keep], anchor[keep]] = True
 
+    # Kept rows first by rank, then every other row in anchor order.
+    order = torch.where(kept, rank, num_anchors + positions).argsort(dim=1)
     class_id = torch.where(kept, class_id, -1)
     conf = torch.where(below, 1 - conf, conf)
     out = torch.cat((class_id.unsqueeze(-1).to(conf.dtype), conf.unsqueeze(-1), predicted_bb.to(conf.dtype)), dim=-1)

@@ -39,7 +39,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("ssd.registry", "log the model to MLflow, register it and move aliases"),
     "promote": ("ssd.registry", "point the champion alias at a registered version"),
     "predict": ("ssd.predict", "detect bananas in images"),
-    "bench": ("ssd.bench", "benchmark against the seed's implementation (d2l)"),
 }
 
 

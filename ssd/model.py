@@ -68,14 +68,33 @@ def base_net() -> nn.Sequential:
     return nn.Sequential(*[down_sample_blk(filters[i], filters[i + 1]) for i in range(len(filters) - 1)])
 
 
+class GlobalMaxPool(nn.Module):
+    """``Tensor[B, C, H, W]`` -> ``Tensor[B, C, 1, 1]``: the book's ``nn.AdaptiveMaxPool2d((1, 1))``
+    (same outputs, no parameters, so the same state dict) as an ``amax`` over H and W, whose CUDA
+    backward is deterministic (adaptive max-pool's is not: ``train.deterministic`` would fail)."""
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X.amax(dim=(2, 3), keepdim=True)
+
+
 def get_blk(i: int) -> nn.Module:
     if i == 0:
         return base_net()
     if i == 1:
         return down_sample_blk(64, 128)
     if i == 4:
-        return nn.AdaptiveMaxPool2d((1, 1))
+        return GlobalMaxPool()
     return down_sample_blk(128, 128)
+
+
+def feature_map_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """The (H, W) of the five feature maps for an input of ``height`` x ``width``: each 2x2
+    max-pool floors (three in the base net), the last scale is the global max."""
+    sizes, h, w = [], height // 8, width // 8
+    for _ in range(4):
+        sizes.append((h, w))
+        h, w = h // 2, w // 2
+    return sizes + [(1, 1)]
 
 
 def flatten_pred(pred: torch.Tensor) -> torch.Tensor:
@@ -93,12 +112,17 @@ class TinySSD(nn.Module):
     ``forward(X Tensor[B, 3, H, W])`` returns ``anchors Tensor[1, A, 4]`` (float32),
     ``cls_preds Tensor[B, A, num_classes + 1]`` and ``bbox_preds Tensor[B, A * 4]``;
     A = 5444 for a 256x256 input with the seed's sizes and ratios.
+
+    The anchors for ``image_size`` inputs are a buffer made once (not in the state dict, so model
+    files are unchanged); other input sizes get theirs computed on each call. Nothing is mutated in
+    ``forward``, so it can be compiled or captured in a CUDA graph.
     """
 
     IN_CHANNELS = [64, 128, 128, 128, 128]
 
     def __init__(self, num_classes: int = 1, sizes: list[list[float]] | None = None,
-                 ratios: list[float] | None = None, classes: list[str] | None = None) -> None:
+                 ratios: list[float] | None = None, classes: list[str] | None = None,
+                 image_size: int = 256) -> None:
         super().__init__()
         self.config = SSDConfig(
             num_classes=num_classes,
@@ -113,22 +137,24 @@ class TinySSD(nn.Module):
             setattr(self, f"blk_{i}", get_blk(i))
             setattr(self, f"cls_{i}", cls_predictor(self.IN_CHANNELS[i], num_anchors, num_classes))
             setattr(self, f"bbox_{i}", bbox_predictor(self.IN_CHANNELS[i], num_anchors))
-        # Anchors depend only on the feature-map shapes, so they are made once per input size.
-        self._anchor_cache: dict[tuple, torch.Tensor] = {}
+        self._anchor_sizes = feature_map_sizes(image_size, image_size)
+        self.register_buffer("anchors", self._make_anchors(self._anchor_sizes), persistent=False)
 
     @classmethod
     def from_config(cls, config: SSDConfig | dict[str, Any]) -> "TinySSD":
         cfg = config if isinstance(config, SSDConfig) else SSDConfig(**config)
         return cls(cfg.num_classes, cfg.sizes, cfg.ratios, cfg.classes)
 
+    def _make_anchors(self, sizes: list[tuple[int, int]], device: torch.device | None = None) -> torch.Tensor:
+        """``Tensor[1, A, 4]`` for feature maps of ``sizes`` (only their shapes matter)."""
+        return torch.cat([multibox_prior(torch.empty(0, *hw, device=device), self.config.sizes[i],
+                                         self.config.ratios) for i, hw in enumerate(sizes)], dim=1)
+
     def _anchors(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
-        key = tuple(tuple(f.shape[-2:]) for f in feature_maps) + (feature_maps[0].device,)
-        anchors = self._anchor_cache.get(key)
-        if anchors is None:
-            anchors = torch.cat([multibox_prior(f, self.config.sizes[i], self.config.ratios)
-                                 for i, f in enumerate(feature_maps)], dim=1)
-            self._anchor_cache[key] = anchors
-        return anchors
+        sizes = [tuple(f.shape[-2:]) for f in feature_maps]
+        if sizes == self._anchor_sizes:
+            return self.anchors
+        return self._make_anchors(sizes, feature_maps[0].device)
 
     def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feature_maps, cls_preds, bbox_preds = [], [], []
@@ -164,7 +190,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ti
         raise ValueError(f"{path} is not a TinySSD model file (no 'config'/'model' entries)")
     net = TinySSD.from_config(blob["config"])
     net.load_state_dict(blob["model"])
-    return net.eval()
+    return net.to(map_location).eval()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

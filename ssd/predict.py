@@ -36,27 +36,37 @@ PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white
 TRUTH_COLOR = (0, 200, 0)
 
 
+def best_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given (not ``"auto"``), else the first GPU when there is one, else the CPU."""
+    if device is not None and str(device) != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def decode_outputs(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: torch.Tensor,
-                   nms_threshold: float = 0.5, max_detections: int | None = None) -> list[torch.Tensor]:
+                   nms_threshold: float = 0.5, max_detections: int | None = None, *,
+                   per_class: bool = False) -> list[torch.Tensor]:
     """The net's outputs (``Tensor[1, A, 4]``, ``Tensor[B, A, C + 1]`` logits, ``Tensor[B, A * 4]``) as detections.
 
-    Returns ``B`` tensors ``Tensor[K, 6]`` rows ``(class_id, score, x1, y1, x2, y2)``, boxes
+    Returns ``B`` CPU tensors ``Tensor[K, 6]`` rows ``(class_id, score, x1, y1, x2, y2)``, boxes
     normalised to [0, 1], decreasing score, only the rows NMS kept (``class_id >= 0``), at most
-    ``max_detections`` of them.
+    ``max_detections`` of them. ``per_class``: NMS within each class only (the book's is
+    class-agnostic), see :func:`ssd.anchors.multibox_detection`.
     """
     cls_probs = F.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
-    output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)
+    output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold, per_class=per_class)
+    # One copy to the host, then the per-image selection there (no host sync per image on a GPU).
     # multibox_detection puts the kept rows first, in decreasing score.
-    return [rows[rows[:, 0] >= 0][:max_detections].cpu() for rows in output]
+    return [rows[rows[:, 0] >= 0][:max_detections] for rows in output.cpu()]
 
 
 @torch.inference_mode()
 def detect_raw(net: torch.nn.Module, images: torch.Tensor, nms_threshold: float = 0.5,
-               max_detections: int | None = None) -> list[torch.Tensor]:
+               max_detections: int | None = None, *, per_class: bool = False) -> list[torch.Tensor]:
     """Detections of a ``uint8 Tensor[B, 3, S, S]`` batch (0..255, unnormalised, as in the seed), before
-    any score threshold: see :func:`decode_outputs`."""
+    any score threshold, on the net's device: see :func:`decode_outputs`."""
     device = next(net.parameters()).device
-    return decode_outputs(*net(images.to(device).float()), nms_threshold, max_detections)
+    return decode_outputs(*net(images.to(device).float()), nms_threshold, max_detections, per_class=per_class)
 
 
 def to_pixels(rows: torch.Tensor, size: tuple[int, int], classes: Sequence[str],
@@ -74,17 +84,19 @@ def to_pixels(rows: torch.Tensor, size: tuple[int, int], classes: Sequence[str],
 
 
 def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int, int]],
-           threshold: float = 0.9, nms_threshold: float = 0.5, batch_size: int = 32) -> list[list[dict[str, Any]]]:
+           threshold: float = 0.9, nms_threshold: float = 0.5, batch_size: int = 32, *,
+           per_class: bool = False) -> list[list[dict[str, Any]]]:
     """Detections per image in original pixels.
 
     Args:
         images: ``uint8 Tensor[N, 3, S, S]`` as :func:`ssd.data.read_image` gives them.
         sizes: the displayed ``(width, height)`` of each image.
+        per_class: NMS within each class only (see :func:`decode_outputs`).
     """
     classes = net.config.classes
     results: list[list[dict[str, Any]]] = []
     for start in range(0, len(images), batch_size):
-        raw = detect_raw(net, images[start:start + batch_size], nms_threshold)
+        raw = detect_raw(net, images[start:start + batch_size], nms_threshold, per_class=per_class)
         results += [to_pixels(r, sizes[start + i], classes, threshold) for i, r in enumerate(raw)]
     return results
 
@@ -143,18 +155,19 @@ def is_model_uri(model: str | Path) -> bool:
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(model)))
 
 
-def load_detector(model: str | Path, image_size: int = 256, nms_threshold: float = 0.5
-                  ) -> tuple[torch.nn.Module, int, float]:
+def load_detector(model: str | Path, image_size: int = 256, nms_threshold: float = 0.5,
+                  device: str | torch.device | None = None) -> tuple[torch.nn.Module, int, float]:
     """A TinySSD from a model file or an MLflow model URI: ``(net, image_size, nms_threshold)``.
 
     A model file gets the ``image_size`` and ``nms_threshold`` passed in; an MLflow model
-    carries its own (``ssd.pyfunc``). A missing file or model raises ``FileNotFoundError`` /
-    ``RuntimeError`` naming it.
+    carries its own (``ssd.pyfunc``). The net is on ``device`` (default :func:`best_device`). A
+    missing file or model raises ``FileNotFoundError`` / ``RuntimeError`` naming it.
     """
+    device = best_device(device)
     if not is_model_uri(model):
         from .model import load_model
 
-        return load_model(model), image_size, nms_threshold
+        return load_model(model, map_location=device), image_size, nms_threshold
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -166,13 +179,13 @@ def load_detector(model: str | Path, image_size: int = 256, nms_threshold: float
     except MlflowException as exc:
         raise RuntimeError(f"cannot load model {model} from {tracking_uri()}: {exc.message}") from None
     detector = loaded.unwrap_python_model()
-    return detector.net, detector.image_size, detector.nms_threshold
+    return detector.net.to(device), detector.image_size, detector.nms_threshold
 
 
 def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODEL, threshold: float = 0.9,
                   out: str | Path | None = None, image_size: int = 256, nms_threshold: float = 0.5,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, on_error: Callable[[str], None] | None = None,
-                  batch_size: int = 32) -> list[dict[str, Any]]:
+                  batch_size: int = 32, device: str | torch.device | None = None) -> list[dict[str, Any]]:
     """Detect in image files and folders (:func:`expand_images`); with ``out``, write annotated copies there.
 
     Returns one dict per image read. ``on_error``: when given, an image that cannot be read
@@ -188,7 +201,7 @@ def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODE
             raise ValueError(message)
         on_error(message)
 
-    net, image_size, nms_threshold = load_detector(model, image_size, nms_threshold)
+    net, image_size, nms_threshold = load_detector(model, image_size, nms_threshold, device)
     files, problems = expand_images(images)
     for problem in problems:
         refuse(problem)
@@ -231,6 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="minimum score of a reported box (default: params evaluate.threshold)")
     parser.add_argument("--out", default=None, help="folder for annotated images (default: none written)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_params_arguments(parser)
 
 
@@ -248,8 +262,7 @@ def main(args: argparse.Namespace) -> int:
 
     results = predict_files(args.images, args.model, threshold, args.out,
                             image_size=data["image_size"], nms_threshold=evaluate["nms_threshold"],
-                            max_pixels=data["max_image_pixels"],
-                            on_error=report)
+                            max_pixels=data["max_image_pixels"], on_error=report, device=args.device)
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     if failed:

@@ -13,6 +13,11 @@ orientation applied; every stage reads images with ``ssd.data.read_image``). Ima
 without a detection above the threshold have no row. Param ``threshold`` (default: the
 evaluation threshold the model was registered with) is the minimum score.
 
+The model runs on the first GPU when there is one, else on the CPU; a model logged with a
+``device`` entry in its model config (``"auto"``, ``"cpu"``, ``"cuda:1"``) can be pointed elsewhere at
+load time (``mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})``, or
+``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cpu"}'`` for ``mlflow models serve``).
+
 The model is logged "from code": MLflow stores this file with the model and runs it at load time
 (the ``set_model`` call at the bottom), so nothing is pickled. Its imports are absolute because
 of that, and the environment that loads the model needs the ``ssd`` package installed
@@ -66,9 +71,11 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):  # noqa: ANN001
         from ssd.data import DEFAULT_MAX_IMAGE_PIXELS
         from ssd.model import load_model
+        from ssd.predict import best_device
 
         config = context.model_config  # written by ssd.registry.log_pyfunc from the validated params
-        self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT])
+        # "auto" (the registry's) picks the GPU when there is one; a load-time config may name a device.
+        self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT], map_location=best_device(config.get("device")))
         self.image_size = int(config["image_size"])
         # Versions registered before the limit was a param carry none: they get the default.
         self.max_pixels = int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))

@@ -102,7 +102,8 @@ def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> s
             signature=ssd_pyfunc.signature(threshold), input_example=ssd_pyfunc.example_input(),
             model_config={"image_size": int(params["data"]["image_size"]), "threshold": threshold,
                           "nms_threshold": float(params["evaluate"]["nms_threshold"]),
-                          "max_image_pixels": int(params["data"]["max_image_pixels"])},
+                          "max_image_pixels": int(params["data"]["max_image_pixels"]),
+                          "device": "auto"},  # logged so a load-time config may override it
             # Explicit, so MLflow does not load the model in a subprocess to guess them. The `ssd`
             # package itself must be installed where the model is loaded (it is not on PyPI).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",

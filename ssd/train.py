@@ -68,11 +68,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Emulation counted, a V100 or T4 would say yes and run bf16 slower than fp16.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) and oneDNN is there to use it."""
     cpu = getattr(torch, "cpu", None)
     native = any(getattr(cpu, name, lambda: False)() for name in
                  ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -139,9 +141,8 @@ def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
         ``loss`` (0-dim, mean over the batch) and ``float64 Tensor[6]``: summed per-example loss,
         examples, correctly classified anchors, anchors, summed abs bbox error, bbox label count.
     """
-    X = images.float()
-    if channels_last:
-        X = X.contiguous(memory_format=torch.channels_last)
+    # One copy: uint8 NCHW straight to float32 in the layout the convolutions want.
+    X = images.to(torch.float32, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     autocast = (torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else nullcontext())
     with autocast:
@@ -149,14 +150,13 @@ def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
     bbox_labels, bbox_masks, cls_labels = multibox_target(anchors, labels, check=False)
     per_example = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
     with torch.no_grad():
-        stats = torch.stack([
-            per_example.detach().sum().double(),
-            torch.tensor(float(len(images)), dtype=torch.float64, device=images.device),
-            cls_eval(cls_preds, cls_labels).double(),
-            torch.tensor(float(cls_labels.numel()), dtype=torch.float64, device=images.device),
-            bbox_eval(bbox_preds, bbox_labels, bbox_masks).double(),
-            torch.tensor(float(bbox_labels.numel()), dtype=torch.float64, device=images.device),
-        ])
+        # The counts are shapes, known on the host: filled on the device (a kernel), never copied
+        # from the host (``torch.tensor(..., device=...)`` would be a synchronizing copy each step).
+        sums = torch.stack([per_example.detach().sum().double(), cls_eval(cls_preds, cls_labels).double(),
+                            bbox_eval(bbox_preds, bbox_labels, bbox_masks).double()])
+        counts = [torch.full((), float(n), dtype=torch.float64, device=images.device)
+                  for n in (len(images), cls_labels.numel(), bbox_labels.numel())]
+        stats = torch.stack([sums[0], counts[0], sums[1], counts[1], sums[2], counts[2]])
     return per_example.mean(), stats
 
 
@@ -210,12 +210,16 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
 # Checkpoints
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG the run touches, as tensors and lists (loadable with ``weights_only=True``)."""
+    """Every RNG the run touches, as tensors and lists (loadable with ``weights_only=True``).
+
+    ``cuda`` holds the state of this process's own GPU only (``[]`` if it used none): every rank
+    restores rank 0's, and a machine that sees fewer GPUs than the saving one can still resume.
+    """
     np_state = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": [py_version, list(py_state), py_gauss],
     }
@@ -223,8 +227,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # Onto this process's current GPU (older checkpoints listed every visible GPU: the first is
+    # rank 0's own). Nothing to do for a process that runs on the CPU.
+    if state.get("cuda") and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"][0])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, py_state, gauss = state["python"]
@@ -428,11 +434,12 @@ def build(params: dict[str, Any], data: Path, info: dist.DistInfo) -> Setup:
     dataset = load_dataset(data, "train", params["data"]["image_size"], classes, params["data"]["max_image_pixels"])
     check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
     model = TinySSD(num_classes=len(classes), sizes=params["model"]["sizes"], ratios=params["model"]["ratios"],
-                    classes=classes).to(device)
+                    classes=classes, image_size=params["data"]["image_size"]).to(device)
     if settings["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
-                                weight_decay=settings["weight_decay"])
+                                weight_decay=settings["weight_decay"], fused=device.type == "cuda")
     loader = make_loader(dataset, settings["batch_size"] // info.world_size, shuffle=True,
                          seed=params["base"]["seed"], rank=info.rank, world_size=info.world_size,
                          num_workers=settings["num_workers"], pin_memory=device.type == "cuda")

@@ -318,3 +318,50 @@ class TestMultiboxDetection:
         assert (out[0, :, 0] == -1).all()
         torch.testing.assert_close(out[0, :, 1], torch.full((num_anchors,), 0.995))
         assert_same_detections(out, d2l.multibox_detection(cls_probs, torch.zeros(1, num_anchors * 4), anchors))
+
+    def test_large_batch_matches_d2l(self):
+        """Over 1000 rows above the floor (torchvision's batched NMS then runs group by group on a CPU)."""
+        g = torch.Generator().manual_seed(7)
+        anchors = small_anchors(16, 16)
+        batch, num_anchors = 3, anchors.shape[1]
+        cls_probs = torch.softmax(torch.randn(batch, 2, num_anchors, generator=g) * 2, dim=1)
+        offsets = torch.randn(batch, num_anchors * 4, generator=g) * 0.3
+        ours = multibox_detection(cls_probs, offsets, anchors)
+        assert int((cls_probs[:, 1] >= 0.01).sum()) > 1000
+        ref = torch.cat([d2l.multibox_detection(cls_probs[i:i + 1], offsets[i:i + 1], anchors) for i in range(batch)])
+        assert_same_detections(ours, ref)
+
+    @pytest.mark.parametrize("seed", range(4))
+    def test_per_class_suppresses_within_each_class_only(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        anchors = small_anchors(4, 5)
+        batch, num_classes, num_anchors = 2, 3, anchors.shape[1]
+        cls_probs = torch.softmax(torch.randn(batch, num_classes + 1, num_anchors, generator=g) * 2, dim=1)
+        offsets = torch.randn(batch, num_anchors * 4, generator=g) * 0.3
+        ours = multibox_detection(cls_probs, offsets, anchors, 0.5, per_class=True)
+        agnostic = multibox_detection(cls_probs, offsets, anchors, 0.5)
+        # Reference: one torchvision NMS per image and class on the rows above the floor, in rank order.
+        conf, cls = cls_probs[:, 1:].max(dim=1)
+        boxes = offset_inverse(anchors[0], offsets.reshape(batch, num_anchors, 4))
+        for i in range(batch):
+            ranked = torch.argsort(conf[i], descending=True)
+            ranked = ranked[conf[i, ranked] >= 0.009999999]
+            kept = []
+            for c in range(num_classes):
+                rows = ranked[cls[i, ranked] == c]
+                kept += rows[nms(boxes[i, rows], torch.arange(len(rows), 0, -1).float(), 0.5)].tolist()
+            kept.sort(key=lambda a: ranked.tolist().index(a))
+            n = len(kept)
+            assert (ours[i, :n, 0] >= 0).all() and (ours[i, n:, 0] == -1).all()
+            torch.testing.assert_close(ours[i, :n, 2:], boxes[i, kept], rtol=0, atol=0)
+            assert ours[i, :n, 0].long().tolist() == cls[i, kept].tolist()
+            # Per-class NMS keeps at least what class-agnostic NMS keeps.
+            assert n >= int((agnostic[i, :, 0] >= 0).sum())
+
+    def test_one_class_per_class_is_the_book(self):
+        g = torch.Generator().manual_seed(3)
+        anchors = small_anchors(4, 5)
+        cls_probs = torch.softmax(torch.randn(2, 2, anchors.shape[1], generator=g) * 2, dim=1)
+        offsets = torch.randn(2, anchors.shape[1] * 4, generator=g) * 0.3
+        assert torch.equal(multibox_detection(cls_probs, offsets, anchors, per_class=True),
+                           multibox_detection(cls_probs, offsets, anchors))

@@ -1,22 +1,31 @@
-"""`ssd bench`: the seed's reimplementation matches ours, and the smoke run measures everything."""
+"""benchmarks/: the seed's code is the book's, the smoke run measures everything, and without d2l the
+benchmark says what is missing in one line."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from ssd.bench import SeedTinySSD, bench_dvc_repro, realistic_scores
+from benchmarks import seed as book
+from benchmarks.bench import bench_dvc_repro, realistic_scores
 from ssd.model import TinySSD
 
+ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 
+def _run_bench(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
 def test_seed_model_is_ours_layer_for_layer():
-    """The seed side of the benchmark runs the same network: same weights give the same outputs."""
+    """The seed's network is ours: the same weights give the same outputs."""
     torch.manual_seed(0)
-    ours, seed = TinySSD(1), SeedTinySSD(1)
+    ours, seed = TinySSD(1), book.TinySSD(1)
     seed.load_state_dict(ours.state_dict())
     x = torch.rand(2, 3, 64, 64) * 255
     for a, b in zip(ours(x), seed(x)):
@@ -36,6 +45,17 @@ def test_dvc_repro_not_measured_without_a_reproduced_pipeline(tmp_path):
     assert result["seconds"] is None and "not measured" in result["note"]
 
 
+def test_without_d2l_one_line_says_what_to_install(tmp_path):
+    # A d2l that cannot be imported, found first on the path: what a machine without it sees.
+    (tmp_path / "d2l").mkdir()
+    (tmp_path / "d2l" / "__init__.py").write_text("raise ImportError('No module named d2l')\n")
+    proc = _run_bench("--smoke", env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "d2l" in lines[0] and "pip install --no-deps d2l==1.0.3" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _dvc_project(root: Path) -> Path:
     """A real DVC project whose one-stage pipeline has been reproduced."""
     root.mkdir()
@@ -49,24 +69,30 @@ def _dvc_project(root: Path) -> Path:
 def test_smoke_bench_measures_everything(tmp_path):
     project = _dvc_project(tmp_path / "project")
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "ssd", "bench", "--smoke", "--out", str(out),
-                           "--project", str(project), "--model", str(tmp_path / "none.pt")],
-                          capture_output=True, text=True, timeout=300)
+    proc = _run_bench("--smoke", "--out", str(out), "--project", str(project), "--model", str(tmp_path / "none.pt"),
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "multibox_detection" in proc.stdout and "dvc repro" in proc.stdout
+    assert "multibox_detection" in proc.stdout and "predict a folder" in proc.stdout and "dvc repro" in proc.stdout
     report = json.loads(out.read_text())
     assert report["smoke"] and report["sizes"]["image_size"] == 64
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert isinstance(report["cpu"]["bf16_native"], bool)
 
-    seed, ours = report["train"]["seed"], report["train"]["auto"]
+    seed, ours = report["train"]["seed"], report["train"]["default"]
     for r in (seed, ours):
         assert math.isfinite(r["examples_per_sec"]) and r["examples_per_sec"] > 0
         assert r["peak_rss_mb"] > 100  # a process that imported torch
-    assert ours["precision"] in ("fp32", "bf16")  # auto resolved to what this machine runs
+    assert ours["precision"] in ("fp32", "bf16", "fp16")  # `auto` resolved to what this machine runs
+    assert ours["channels_last"] is True  # the default of params.yaml (none in the project: the package's)
     assert math.isclose(ours["speedup_vs_seed"], ours["examples_per_sec"] / seed["examples_per_sec"])
+    assert math.isclose(ours["cpu_speedup_vs_seed"], ours["examples_per_cpu_sec"] / seed["examples_per_cpu_sec"])
     for key, ours_key, seed_key in (("detection", "ours_ms_per_image", "seed_ms_per_image"),
-                                    ("target", "ours_ms", "seed_ms"), ("predict", "ours_ms", "seed_ms")):
+                                    ("target", "ours_ms", "seed_ms")):
         r = report[key]
         assert r[ours_key] > 0 and r[seed_key] > 0
         assert math.isclose(r["speedup_vs_seed"], r[seed_key] / r[ours_key])
+    p = report["predict"]
+    assert p["images"] == 4 and p["ours_images_per_sec"] > 0 and p["seed_images_per_sec"] > 0
+    assert math.isclose(p["speedup_vs_seed"], p["ours_images_per_sec"] / p["seed_images_per_sec"])
     repro = report["dvc_repro"]
     assert repro["note"] == "nothing changed" and 0 < repro["seconds"] < 60

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssd.anchors import multibox_prior, multibox_target
 from ssd.loss import bbox_eval, calc_loss, cls_eval
@@ -98,3 +99,86 @@ class TestMetrics:
         assert int(cls_eval(cls_preds, torch.tensor([[0, 1, 1]]))) == 2
         err = bbox_eval(torch.tensor([[1.0, -1.0, 3.0, 0.0]]), torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 0.0, 1.0]]))
         assert float(err) == 2.0
+
+
+# --- No host sync per training step ----------------------------------------------------------------
+
+class HostSyncs(TorchDispatchMode):
+    """Counts what would stall a GPU on the host in a training step, observable on a CPU too:
+    reading a value (``.item()``, ``float(t)``, ``bool(t)``: ``_local_scalar_dense``), data-dependent
+    shapes (``nonzero``, ``masked_select``: a boolean-mask index), a tensor made from host data
+    (``torch.tensor(...)`` and Python scalars assigned through index tensors: ``lift_fresh``, a
+    host-to-device copy), and ``.tolist()``/``.numpy()``."""
+
+    SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.lift_fresh")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if str(func).rsplit(".", 1)[0] in self.SYNC_OPS:  # "aten.nonzero.default" -> "aten.nonzero"
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    counter = HostSyncs()
+    for name in ("tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counter.calls.append(f"Tensor.{_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counter
+
+
+def _training_step(precision: str):
+    """``ssd.train.train_one_epoch``'s step on a 64x64 batch; returns a closure running one step."""
+    from ssd.model import TinySSD
+    from ssd.train import AUTOCAST_DTYPES, forward_loss
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([[[0, 0.1, 0.1, 0.5, 0.6]], [[0, 0.3, 0.2, 0.9, 0.7]]])
+    model = TinySSD(1, image_size=64).to(memory_format=torch.channels_last).train()
+    # Fused SGD takes GradScaler's inf check on the device; unfused, `scaler.step` reads it (a sync).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=5e-4, fused=precision == "fp16")
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    totals = torch.zeros(6, dtype=torch.float64)
+
+    def step() -> None:
+        loss, stats = forward_loss(model, images, labels, autocast_dtype=AUTOCAST_DTYPES[precision],
+                                   channels_last=True)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        totals.add_(stats)
+
+    return step, totals
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_training_step_has_no_host_sync(host_syncs, precision):
+    step, totals = _training_step(precision)
+    step()  # warm-up: first calls may set things up
+    with host_syncs:
+        step()
+        step()
+    assert host_syncs.calls == []
+    assert totals[1] == 6 and torch.isfinite(totals).all()  # the counts still add up (3 steps x 2 images)
+
+
+def test_the_counter_sees_a_sync(host_syncs):
+    """The counter is not blind: the pre-fix per-step count (a host tensor copied in) is caught."""
+    with host_syncs:
+        torch.tensor(float(2), dtype=torch.float64)
+        torch.ones(2).sum().item()
+        torch.zeros(3)[torch.tensor([True, False, True])]
+        torch.ones(2).tolist()
+    assert len(host_syncs.calls) >= 4

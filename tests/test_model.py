@@ -6,85 +6,15 @@ from torch import nn
 
 from ssd.anchors import multibox_target
 from ssd.loss import calc_loss
-from ssd.model import SEED_RATIOS, SEED_SIZES, SSDConfig, TinySSD, load_model, save_model, unwrap
+from benchmarks.seed import TinySSD as ChapterTinySSD  # the chapter's network, as the book prints it
+from ssd.model import (SEED_RATIOS, SEED_SIZES, GlobalMaxPool, SSDConfig, TinySSD, load_model, save_model,
+                       unwrap)
 
 # Anchors per input size with the seed's 4 anchors per pixel: feature maps S/8, S/16, S/32, S/64, 1x1.
 NUM_ANCHORS = {(256, 256): 4 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4 + 1),   # 5444, the chapter's number
                (128, 128): 4 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2 + 1),   # 1364
                (320, 256): 4 * (40 * 32 + 20 * 16 + 10 * 8 + 5 * 4 + 1),  # 6804
                (64, 64): 4 * (8 * 8 + 4 * 4 + 2 * 2 + 1 * 1 + 1)}      # 344
-
-
-# --- The chapter's TinySSD, verbatim in substance, as the reference for layer names and outputs. ---
-def _chapter_cls_predictor(num_inputs, num_anchors, num_classes):
-    return nn.Conv2d(num_inputs, num_anchors * (num_classes + 1), kernel_size=3, padding=1)
-
-
-def _chapter_bbox_predictor(num_inputs, num_anchors):
-    return nn.Conv2d(num_inputs, num_anchors * 4, kernel_size=3, padding=1)
-
-
-def _chapter_down_sample_blk(in_channels, out_channels):
-    blk = []
-    for _ in range(2):
-        blk.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
-        blk.append(nn.BatchNorm2d(out_channels))
-        blk.append(nn.ReLU())
-        in_channels = out_channels
-    blk.append(nn.MaxPool2d(2))
-    return nn.Sequential(*blk)
-
-
-def _chapter_base_net():
-    blk = []
-    num_filters = [3, 16, 32, 64]
-    for i in range(len(num_filters) - 1):
-        blk.append(_chapter_down_sample_blk(num_filters[i], num_filters[i + 1]))
-    return nn.Sequential(*blk)
-
-
-def _chapter_get_blk(i):
-    if i == 0:
-        return _chapter_base_net()
-    if i == 1:
-        return _chapter_down_sample_blk(64, 128)
-    if i == 4:
-        return nn.AdaptiveMaxPool2d((1, 1))
-    return _chapter_down_sample_blk(128, 128)
-
-
-def _chapter_blk_forward(X, blk, size, ratio, cls_predictor, bbox_predictor):
-    Y = blk(X)
-    anchors = d2l.multibox_prior(Y, sizes=size, ratios=ratio)
-    return (Y, anchors, cls_predictor(Y), bbox_predictor(Y))
-
-
-def _chapter_concat_preds(preds):
-    return torch.cat([torch.flatten(p.permute(0, 2, 3, 1), start_dim=1) for p in preds], dim=1)
-
-
-class ChapterTinySSD(nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.num_classes = num_classes
-        idx_to_in_channels = [64, 128, 128, 128, 128]
-        num_anchors = len(SEED_SIZES[0]) + len(SEED_RATIOS) - 1
-        for i in range(5):
-            setattr(self, f'blk_{i}', _chapter_get_blk(i))
-            setattr(self, f'cls_{i}', _chapter_cls_predictor(idx_to_in_channels[i], num_anchors, num_classes))
-            setattr(self, f'bbox_{i}', _chapter_bbox_predictor(idx_to_in_channels[i], num_anchors))
-
-    def forward(self, X):
-        anchors, cls_preds, bbox_preds = [None] * 5, [None] * 5, [None] * 5
-        for i in range(5):
-            X, anchors[i], cls_preds[i], bbox_preds[i] = _chapter_blk_forward(
-                X, getattr(self, f'blk_{i}'), SEED_SIZES[i], SEED_RATIOS,
-                getattr(self, f'cls_{i}'), getattr(self, f'bbox_{i}'))
-        anchors = torch.cat(anchors, dim=1)
-        cls_preds = _chapter_concat_preds(cls_preds)
-        cls_preds = cls_preds.reshape(cls_preds.shape[0], -1, self.num_classes + 1)
-        bbox_preds = _chapter_concat_preds(bbox_preds)
-        return anchors, cls_preds, bbox_preds
 
 
 def images(batch: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -121,6 +51,24 @@ class TestShapes:
             again = net(images(1, 64, 64))[0]
         assert small.shape[1] == NUM_ANCHORS[(64, 64)] and big.shape[1] == NUM_ANCHORS[(128, 128)]
         assert torch.equal(small, again)
+
+    def test_anchors_are_a_buffer_made_once_outside_the_state_dict(self, net):
+        assert "anchors" in dict(net.named_buffers()) and "anchors" not in net.state_dict()
+        with torch.no_grad():
+            anchors = net(images(1, 256, 256))[0]
+        assert anchors is net.anchors  # the image_size input: the buffer itself, nothing rebuilt
+        ref = torch.cat([d2l.multibox_prior(torch.zeros(1, 1, s, s), SEED_SIZES[i], SEED_RATIOS)
+                         for i, s in enumerate([32, 16, 8, 4, 1])], dim=1)
+        assert torch.equal(anchors, ref)
+
+    def test_forward_changes_no_module_state(self, net):
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        buffers, attrs = dict(net.named_buffers()), dict(vars(net))
+        with torch.no_grad():
+            net(images(1, 128, 128))
+        assert dict(net.named_buffers()).keys() == buffers.keys() and net.anchors is buffers["anchors"]
+        assert vars(net).keys() == attrs.keys()
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
     @pytest.mark.parametrize("num_classes", [2, 5])
     def test_multiple_classes(self, num_classes):
@@ -166,6 +114,32 @@ class TestLayoutAndGradients:
             assert p.grad is not None, name
             assert torch.isfinite(p.grad).all(), name
         assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+class TestGlobalMaxPool:
+    def test_same_outputs_and_gradients_as_adaptive_max_pool(self):
+        x = torch.randn(4, 8, 5, 3, requires_grad=True)  # continuous values: no ties
+        ref_x = x.detach().clone().requires_grad_()
+        out, ref = GlobalMaxPool()(x), nn.AdaptiveMaxPool2d((1, 1))(ref_x)
+        assert torch.equal(out, ref)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref.backward(grad)
+        assert torch.equal(x.grad, ref_x.grad)
+
+    def test_channels_last_and_no_parameters(self):
+        x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(GlobalMaxPool()(x), nn.AdaptiveMaxPool2d((1, 1))(x))
+        assert GlobalMaxPool().state_dict() == {} and nn.AdaptiveMaxPool2d((1, 1)).state_dict() == {}
+
+    def test_deterministic_mode_accepts_the_model(self):
+        """``train.deterministic`` turns on deterministic algorithms; the backward must not refuse."""
+        model = TinySSD().train()
+        torch.use_deterministic_algorithms(True)
+        try:
+            model(images(2, 64, 64))[1].sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 class TestChapterStateDict:

@@ -1,0 +1,123 @@
+"""Where a training step's time goes, and how far it is from this CPU's arithmetic peak.
+
+    python -m benchmarks.profile_train [--steps 3] [--batch-size 32] [--image-size 256] [--fp32-nchw]
+
+Runs ``ssd train``'s step (``forward_loss`` + backward + SGD, the training defaults, the process setup
+of ``ssd train``) under ``torch.profiler`` and prints: time per op family (convolution, batch norm,
+ReLU, pooling, the rest), the convolutions' FLOPs and the rate they ran at, a large fp32 matmul's
+rate on this machine (the practical peak), and the lower bound on a step's time that the FLOPs set
+at that peak. User and system CPU time per step come from ``os.times``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections import defaultdict
+
+import torch
+
+FAMILIES = (("convolution", ("conv", "mkldnn_convolution")), ("batch_norm", ("batch_norm",)),
+            ("relu", ("relu", "threshold")), ("max_pool", ("max_pool", "amax")),
+            ("loss_and_targets", ("cross_entropy", "nll_loss", "log_softmax", "l1", "abs", "topk", "gather")))
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> tuple[float, float]:
+    """fp32 GFLOP/s of an ``n x n`` matmul, best of ``reps``: per wall second (the practical peak of
+    this CPU when nothing else runs) and per CPU-second of all threads (per core, whatever the load)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    wall = cpu = float("inf")
+    for _ in range(reps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        a @ b
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - cpu_start)
+    return 2 * n**3 / wall / 1e9, 2 * n**3 / cpu / 1e9
+
+
+def family(name: str) -> str:
+    for fam, keys in FAMILIES:
+        if any(k in name for k in keys):
+            return fam
+    return "other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_train", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--fp32-nchw", action="store_true", help="plain fp32 NCHW instead of the defaults")
+    parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's malloc settings alone")
+    args = parser.parse_args(argv)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ssd.distributed import keep_freed_memory
+    from ssd.model import TinySSD
+    from ssd.train import AUTOCAST_DTYPES, forward_loss, resolve_precision
+
+    kept = False if args.no_keep_memory else keep_freed_memory()
+    device = torch.device("cpu")
+    precision = "fp32" if args.fp32_nchw else resolve_precision("auto", device)
+    channels_last = not args.fp32_nchw
+    torch.manual_seed(0)
+    B, S = args.batch_size, args.image_size
+    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)
+    corner = torch.rand(B, 2) * 0.5
+    labels = torch.cat([torch.zeros(B, 1), corner, corner + 0.3], dim=1)[:, None]
+    model = TinySSD(1)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=5e-4)
+    model.train()
+
+    def step() -> None:
+        loss, _ = forward_loss(model, images, labels, autocast_dtype=AUTOCAST_DTYPES[precision],
+                               channels_last=channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    t0, w0 = os.times(), time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    t1, wall = os.times(), (time.perf_counter() - w0) / args.steps
+    user, system = (t1.user - t0.user) / args.steps, (t1.system - t0.system) / args.steps
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(args.steps):
+            step()
+    by_family: dict[str, float] = defaultdict(float)
+    conv_flops = 0.0
+    n_peak = 2048
+    # Self time per op, grouped: sums to the step's time without double counting.
+    for evt in prof.key_averages():
+        by_family[family(evt.key)] += evt.self_cpu_time_total
+        if "conv" in evt.key:
+            conv_flops += evt.flops or 0
+    self_total = sum(by_family.values())
+    peak, per_core = matmul_gflops(n_peak)
+    print(f"{precision}, {'channels_last' if channels_last else 'NCHW'}, batch {B}, {S}x{S}, "
+          f"{torch.get_num_threads()} threads, freed memory kept: {kept}")
+    print(f"step: {wall:.2f} s wall = {B / wall:.1f} examples/s; CPU per step: user {user:.2f} s, "
+          f"system {system:.2f} s = {(user + system) / B:.3f} CPU-s/example")
+    for fam, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
+        print(f"  {fam:<18} {100 * us / self_total:5.1f}%")
+    others = sorted(((e.self_cpu_time_total, e.key) for e in prof.key_averages() if family(e.key) == "other"),
+                    reverse=True)[:6]
+    print("  other, largest: " + ", ".join(f"{k} {100 * us / self_total:.1f}%" for us, k in others))
+    step_flops = 3 * conv_flops / args.steps  # the profiler counts forward FLOPs; backward is about 2x that
+    conv_s = by_family["convolution"] / 1e6 / args.steps
+    print(f"convolutions: {step_flops / B / 1e9:.2f} GFLOP/example forward + backward; they ran at "
+          f"{step_flops / conv_s / 1e9:.0f} GFLOP/s ({100 * by_family['convolution'] / self_total:.0f}% of the step)")
+    print(f"fp32 matmul {n_peak}x{n_peak}: {peak:.0f} GFLOP/s wall, {per_core:.0f} GFLOP per CPU-second "
+          f"(x {torch.get_num_threads()} threads = {per_core * torch.get_num_threads():.0f} GFLOP/s on free cores)")
+    floor = step_flops / B / (per_core * 1e9)
+    print(f"floor from the FLOPs alone at that rate: {floor:.3f} CPU-s/example "
+          f"= {torch.get_num_threads() / floor:.1f} examples/s at most on free cores")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
