@@ -9,7 +9,7 @@ batch together.
 from __future__ import annotations
 
 import torch
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 from .boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
 
@@ -188,7 +188,8 @@ def multibox_target(anchors: torch.Tensor, labels: torch.Tensor, iou_threshold: 
 
 
 def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anchors: torch.Tensor,
-                       nms_threshold: float = 0.5, pos_threshold: float = 0.009999999) -> torch.Tensor:
+                       nms_threshold: float = 0.5, pos_threshold: float = 0.009999999,
+                       per_class: bool = False) -> torch.Tensor:
     """Decode predictions and suppress overlapping boxes.
 
     Args:
@@ -201,7 +202,8 @@ def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anch
         suppressed rows keep their score and rows scoring under ``pos_threshold`` get
         ``1 - score``, as in the book. NMS is class-agnostic like the book's, but runs only
         on rows at or above ``pos_threshold`` (those under it end as -1 either way), so the
-        -1 rows follow in anchor order rather than the book's mixed order.
+        -1 rows follow in anchor order rather than the book's mixed order. ``per_class=True``
+        suppresses a box only by boxes of its own predicted class (torchvision's ``batched_nms``).
     """
     batch_size, _, num_anchors = cls_probs.shape
     anchors = anchors.reshape(-1, 4)
@@ -217,7 +219,9 @@ def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anch
         ranked = torch.argsort(conf[i], dim=-1, descending=True)
         ranked = ranked[~below[i, ranked]]
         stand_in = torch.arange(len(ranked), 0, -1, dtype=torch.float32, device=ranked.device)
-        keep = ranked[nms(predicted_bb[i, ranked].float(), stand_in, nms_threshold)]
+        boxes = predicted_bb[i, ranked].float()
+        keep = ranked[batched_nms(boxes, stand_in, class_id[i, ranked], nms_threshold) if per_class
+                      else nms(boxes, stand_in, nms_threshold)]
         kept[i, keep] = True
         order[i] = torch.cat((keep, torch.nonzero(~kept[i]).reshape(-1)))
 

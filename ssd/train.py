@@ -30,20 +30,23 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed as dist
+from .augment import epoch_generator, ssd_augment
 from .anchors import multibox_target
 from .boxes import check_boxes
 from .data import DetectionDataset, load_dataset, make_loader
 from .files import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
 from .loss import bbox_eval, calc_loss, cls_eval
 from .model import TinySSD, save_model, unwrap
+from .schedule import lr_factor, make_scheduler
 
 DEFAULT_DATA = Path("data/raw/banana-detection")
 HISTORY_COLUMNS = ["epoch", "loss", "class_err", "bbox_mae", "examples_per_sec"]
@@ -166,8 +169,13 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
                     scaler: torch.amp.GradScaler, *, epoch: int, device: torch.device,
                     autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
                     fault: Fault | None = None, progress: bool = False, last_good: str = "none",
-                    desc: str = "") -> dict[str, float]:
-    """One pass over the loader; returns the epoch's metrics reduced over all ranks."""
+                    desc: str = "", augment: Callable | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
+    """One pass over the loader; returns the epoch's metrics reduced over all ranks.
+
+    ``augment(images, labels) -> (images, labels)`` transforms each batch on the device;
+    ``scheduler`` steps after every optimizer step (see ``ssd.schedule``).
+    """
     from tqdm import tqdm
 
     model.train()
@@ -180,6 +188,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     for step, (images, labels) in enumerate(bar, start=1):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        if augment is not None:
+            images, labels = augment(images, labels)
         loss, stats = forward_loss(model, images, labels, autocast_dtype=autocast_dtype, channels_last=channels_last)
         if fault is not None:
             loss = fault.fire(epoch, step, rank, loss)
@@ -187,6 +197,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
         totals += stats
         # Recorded on the device, read every CHECK_EVERY steps: no host sync per step.
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < sys.maxsize), first_bad, step)
@@ -273,7 +285,7 @@ def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: s
     return None
 
 
-CODE_MODULES = ("train", "model", "anchors", "boxes", "loss", "data")
+CODE_MODULES = ("train", "model", "anchors", "boxes", "loss", "data", "augment", "schedule")
 
 
 def code_fingerprint() -> str:
@@ -411,6 +423,7 @@ def _settings(params: dict[str, Any], world_size: int) -> dict[str, Any]:
         raise ValueError(f"params train section lacks {', '.join(missing)}")
     if int(train["epochs"]) < 1:
         raise ValueError(f"train.epochs={train['epochs']}: must be >= 1")
+    lr_factor(str(train.get("lr_schedule", "constant")), int(train["epochs"]), float(train.get("warmup_epochs", 0)))
     if int(train["batch_size"]) % world_size:
         raise ValueError(f"train.batch_size={train['batch_size']} is the global batch and must divide evenly "
                          f"over {world_size} processes")
@@ -494,6 +507,9 @@ def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo)
     loader = make_loader(dataset, int(settings["batch_size"]) // info.world_size, shuffle=True, seed=seed,
                          rank=info.rank, world_size=info.world_size, num_workers=int(settings.get("num_workers", 0)),
                          pin_memory=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, str(settings.get("lr_schedule", "constant")), epochs=epochs,
+                               steps_per_epoch=len(loader), warmup_epochs=float(settings.get("warmup_epochs", 0)),
+                               start_step=start_epoch * len(loader))
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_good = str(checkpoint_path(args.checkpoint_dir, start_epoch)) if start_epoch else "none"
     try:
@@ -501,7 +517,9 @@ def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo)
             metrics = train_one_epoch(net, loader, optimizer, scaler, epoch=epoch, device=device,
                                       autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last,
                                       fault=fault, progress=main_proc, last_good=last_good,
-                                      desc=f"epoch {epoch}/{epochs}")
+                                      desc=f"epoch {epoch}/{epochs}", scheduler=scheduler,
+                                      augment=(partial(ssd_augment, generator=epoch_generator(seed, epoch, info.rank, device))
+                                               if settings.get("augment") else None))
             history.append({"epoch": epoch, **metrics})
             if main_proc:
                 path = save_checkpoint(args.checkpoint_dir, model=model, optimizer=optimizer, scaler=scaler,
