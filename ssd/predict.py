@@ -33,8 +33,19 @@ PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white
 TRUTH_COLOR = (0, 200, 0)
 
 
+NMS_MODES = ("agnostic", "per_class")
+
+
+def per_class_nms(mode: str) -> bool:
+    """``evaluate.nms`` as the ``per_class`` flag of ``multibox_detection``; a bad value is named."""
+    if mode not in NMS_MODES:
+        raise ValueError(f"evaluate.nms={mode!r}: expected one of {', '.join(NMS_MODES)}")
+    return mode == "per_class"
+
+
 def decode_outputs(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: torch.Tensor,
-                   nms_threshold: float = 0.5, max_detections: int | None = None) -> list[torch.Tensor]:
+                   nms_threshold: float = 0.5, max_detections: int | None = None,
+                   per_class: bool = False) -> list[torch.Tensor]:
     """The net's outputs (``Tensor[1, A, 4]``, ``Tensor[B, A, C + 1]`` logits, ``Tensor[B, A * 4]``) as detections.
 
     Returns ``B`` tensors ``Tensor[K, 6]`` rows ``(class_id, score, x1, y1, x2, y2)``, boxes
@@ -42,18 +53,18 @@ def decode_outputs(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: t
     ``max_detections`` of them.
     """
     cls_probs = F.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
-    output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)
+    output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold, per_class=per_class)
     # multibox_detection puts the kept rows first, in decreasing score.
     return [rows[rows[:, 0] >= 0][:max_detections].cpu() for rows in output]
 
 
 @torch.inference_mode()
 def detect_raw(net: torch.nn.Module, images: torch.Tensor, nms_threshold: float = 0.5,
-               max_detections: int | None = None) -> list[torch.Tensor]:
+               max_detections: int | None = None, per_class: bool = False) -> list[torch.Tensor]:
     """Detections of a ``uint8 Tensor[B, 3, S, S]`` batch (0..255, unnormalised, as in the seed), before
     any score threshold: see :func:`decode_outputs`."""
     device = next(net.parameters()).device
-    return decode_outputs(*net(images.to(device).float()), nms_threshold, max_detections)
+    return decode_outputs(*net(images.to(device).float()), nms_threshold, max_detections, per_class)
 
 
 def to_pixels(rows: torch.Tensor, size: tuple[int, int], classes: Sequence[str],
@@ -71,7 +82,8 @@ def to_pixels(rows: torch.Tensor, size: tuple[int, int], classes: Sequence[str],
 
 
 def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int, int]],
-           threshold: float = 0.9, nms_threshold: float = 0.5, batch_size: int = 32) -> list[list[dict[str, Any]]]:
+           threshold: float = 0.9, nms_threshold: float = 0.5, batch_size: int = 32,
+           per_class: bool = False) -> list[list[dict[str, Any]]]:
     """Detections per image in original pixels.
 
     Args:
@@ -81,7 +93,7 @@ def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int
     classes = net.config.classes
     results: list[list[dict[str, Any]]] = []
     for start in range(0, len(images), batch_size):
-        raw = detect_raw(net, images[start:start + batch_size], nms_threshold)
+        raw = detect_raw(net, images[start:start + batch_size], nms_threshold, per_class=per_class)
         results += [to_pixels(r, sizes[start + i], classes, threshold) for i, r in enumerate(raw)]
     return results
 
@@ -155,8 +167,8 @@ def load_detector(model: str | Path, image_size: int = 256, nms_threshold: float
 
 
 def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODEL, threshold: float = 0.9,
-                  out: str | Path | None = None, image_size: int = 256, nms_threshold: float = 0.5
-                  ) -> list[dict[str, Any]]:
+                  out: str | Path | None = None, image_size: int = 256, nms_threshold: float = 0.5,
+                  per_class: bool = False) -> list[dict[str, Any]]:
     """Detect in image files; with ``out``, write annotated copies there. Returns one dict per image.
 
     ``image_size`` and ``nms_threshold`` apply to a model file; an MLflow model brings its own.
@@ -166,7 +178,8 @@ def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODE
     net, image_size, nms_threshold = load_detector(model, image_size, nms_threshold)
     tensors, sizes = read_images(images, image_size)
     results, written = [], set()
-    for path, size, dets in zip(images, sizes, detect(net, tensors, sizes, threshold, nms_threshold)):
+    for path, size, dets in zip(images, sizes, detect(net, tensors, sizes, threshold, nms_threshold,
+                                                        per_class=per_class)):
         result = {"image": str(path), "width": size[0], "height": size[1], "detections": dets}
         if out is not None:
             name = Path(path).stem
@@ -202,7 +215,8 @@ def main(args: argparse.Namespace) -> int:
     threshold = args.threshold if args.threshold is not None else float(evaluate.get("threshold", 0.9))
     results = predict_files(args.images, args.model, threshold, args.out,
                             image_size=int(params.get("data", {}).get("image_size", 256)),
-                            nms_threshold=float(evaluate.get("nms_threshold", 0.5)))
+                            nms_threshold=float(evaluate.get("nms_threshold", 0.5)),
+                            per_class=per_class_nms(str(evaluate.get("nms", "agnostic"))))
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
