@@ -182,9 +182,11 @@ def confusion_summary(matrix: torch.Tensor, classes: Sequence[str]) -> dict[str,
 
 def flat_per_class(per_class: dict[str, dict[str, float]]) -> dict[str, float]:
     """``{"ap50/<name>", "ap/<name>"}`` for MLflow, whose metrics are flat; classes without ground
-    truth are left out (their -1 is no score)."""
-    return {f"{key}/{name}": values[key] for name, values in per_class.items() if values["num_objects"]
-            for key in ("ap50", "ap")}
+    truth are left out (their -1 is no score). Characters MLflow refuses in a metric name become ``_``."""
+    import re
+
+    return {f"{key}/{re.sub(r'[^A-Za-z0-9_.: /-]', '_', name)}": values[key]
+            for name, values in per_class.items() if values["num_objects"] for key in ("ap50", "ap")}
 
 
 @torch.inference_mode()
