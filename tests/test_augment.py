@@ -128,3 +128,30 @@ class TestWhole:
         images, labels = batch(4)
         out, out_labels = ssd_augment(images.cuda(), labels.cuda(), torch.Generator("cuda").manual_seed(0))
         assert out.is_cuda and out_labels.is_cuda
+
+
+@pytest.mark.slow
+def test_training_with_augmentation_and_cosine_resumes_bit_exactly(tmp_path, mlflow_server):
+    """The options in a real training: a run killed in epoch 2 and rerun ends with the weights of an
+    uninterrupted one (augmentation seeded per epoch, schedule rebuilt at the resumed iteration),
+    and those differ from the book's recipe."""
+    import subprocess
+    import sys
+
+    from tiny_data import make_project, train_env
+
+    options = {"augment": True, "lr_schedule": "cosine", "warmup_epochs": 1}
+    cmd = [sys.executable, "-m", "ssd", "train"]
+    runs = {}
+    for name, fault, train in (("whole", None, options), ("crashed", "kill@2:1", options), ("book", None, {})):
+        project = make_project(tmp_path / name, **train)
+        if fault:
+            killed = subprocess.run(cmd, cwd=project, env=train_env(mlflow_server, SSD_FAULT=fault),
+                                    capture_output=True, timeout=300)
+            assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+        done = subprocess.run(cmd, cwd=project, env=train_env(mlflow_server), capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert ("resuming from" in done.stderr.decode()) == bool(fault)
+        runs[name] = torch.load(project / "models/model.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(runs["whole"][k], runs["crashed"][k]) for k in runs["whole"])
+    assert not all(torch.equal(runs["whole"][k], runs["book"][k]) for k in runs["whole"])
