@@ -76,7 +76,8 @@ def photometric_distort(images: torch.Tensor, generator: torch.Generator, *, bri
     sat = torch.where(_coin((b,), p, generator), _uniform((b,), *saturation, generator), 1.0)
     angle = torch.where(_coin((b,), p, generator), _uniform((b,), -hue_degrees, hue_degrees, generator), 0.0)
     angle = angle * (math.pi / 180)
-    cos, sin, zero, one = torch.cos(angle) * sat, torch.sin(angle) * sat, torch.zeros_like(angle), torch.ones_like(angle)
+    cos, sin = torch.cos(angle) * sat, torch.sin(angle) * sat
+    zero, one = torch.zeros_like(angle), torch.ones_like(angle)
     # Per image: YIQ, rotate and scale the chroma plane, back to RGB; one 3x3 matrix each.
     chroma = torch.stack((torch.stack((one, zero, zero), -1), torch.stack((zero, cos, -sin), -1),
                           torch.stack((zero, sin, cos), -1)), -2)  # [B, 3, 3]

@@ -23,9 +23,10 @@ Pictures: ``reports/pr_curve.csv`` (DVC plot of precision against recall over sc
 ``reports/pictures/pr_curve.png``, ``reports/pictures/confusion.png`` and
 ``reports/pictures/gallery.png`` (images picked so every class appears, ground truth in green with
 class names, each image's top detections with class names and scores, those under the threshold
-drawn faintly). ``evaluate.nms`` picks class-agnostic (the book's) or per-class NMS. Everything is also logged into the training's MLflow
-run (``models/mlflow_run.json``); without that file the reports are still written and MLflow
-logging is skipped with a warning, so the stage can be run on a model that came from elsewhere.
+drawn faintly). ``evaluate.nms`` picks class-agnostic (the book's) or per-class NMS. Everything
+is also logged into the training's MLflow run (``models/mlflow_run.json``); without that file the
+reports are still written and MLflow logging is skipped with a warning, so the stage can be run on a
+model that came from elsewhere.
 """
 from __future__ import annotations
 
@@ -316,10 +317,10 @@ def confusion_figure(summary: dict[str, Any]) -> Any:
     side = 1.5 + 0.6 * len(labels)
     fig, ax = plt.subplots(figsize=(side, side * 0.85), dpi=100)
     ax.imshow(fraction.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for (t, p), count in zip(torch.cartesian_prod(torch.arange(matrix.shape[0]), torch.arange(matrix.shape[1])).tolist(),
-                             matrix.reshape(-1).tolist()):
-        ax.text(p, t, f"{int(count)}", ha="center", va="center", fontsize=8,
-                color="white" if fraction[t, p] > 0.5 else "black")
+    for t, row in enumerate(matrix.tolist()):
+        for p, count in enumerate(row):
+            ax.text(p, t, f"{int(count)}", ha="center", va="center", fontsize=8,
+                    color="white" if fraction[t, p] > 0.5 else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels) - 1), labels[:-1], fontsize=8)
     ax.set(xlabel="top detection at IoU >= 0.5", ylabel="ground truth", title="What each box is taken for")

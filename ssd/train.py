@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .augment import epoch_generator, ssd_augment
 from .anchors import multibox_target
+from .augment import epoch_generator, ssd_augment
 from .boxes import check_boxes
 from .data import DetectionDataset, load_dataset, make_loader
 from .files import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
@@ -518,8 +518,8 @@ def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo)
                                       autocast_dtype=AUTOCAST_DTYPES[precision], channels_last=channels_last,
                                       fault=fault, progress=main_proc, last_good=last_good,
                                       desc=f"epoch {epoch}/{epochs}", scheduler=scheduler,
-                                      augment=(partial(ssd_augment, generator=epoch_generator(seed, epoch, info.rank, device))
-                                               if settings.get("augment") else None))
+                                      augment=partial(ssd_augment, generator=epoch_generator(
+                                          seed, epoch, info.rank, device)) if settings.get("augment") else None)
             history.append({"epoch": epoch, **metrics})
             if main_proc:
                 path = save_checkpoint(args.checkpoint_dir, model=model, optimizer=optimizer, scaler=scaler,
