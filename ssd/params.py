@@ -117,7 +117,11 @@ SCHEMA: dict[str, Check] = {
     "train.compile": boolean(),
     "train.deterministic": boolean(),
     "train.num_workers": integer(0),
+    "train.augment": boolean(),
+    "train.lr_schedule": one_of("constant", "cosine"),
+    "train.warmup_epochs": number(0),       # at most train.epochs: checked by the train stage
     "evaluate.nms_threshold": number(0, 1),
+    "evaluate.nms": one_of("agnostic", "per_class"),
     "evaluate.threshold": number(0, 1),
     "evaluate.gallery_images": integer(0),
     "registry.model_name": text(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "a model name (letters, digits, _ . -)"),

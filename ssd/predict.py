@@ -36,6 +36,16 @@ PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white
 TRUTH_COLOR = (0, 200, 0)
 
 
+NMS_MODES = ("agnostic", "per_class")
+
+
+def per_class_nms(mode: str) -> bool:
+    """``evaluate.nms`` as the ``per_class`` flag of ``multibox_detection``; a bad value is named."""
+    if mode not in NMS_MODES:
+        raise ValueError(f"evaluate.nms={mode!r}: expected one of {', '.join(NMS_MODES)}")
+    return mode == "per_class"
+
+
 def best_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given (not ``"auto"``), else the first GPU when there is one, else the CPU."""
     if device is not None and str(device) != "auto":
@@ -185,7 +195,8 @@ def load_detector(model: str | Path, image_size: int = 256, nms_threshold: float
 def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODEL, threshold: float = 0.9,
                   out: str | Path | None = None, image_size: int = 256, nms_threshold: float = 0.5,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, on_error: Callable[[str], None] | None = None,
-                  batch_size: int = 32, device: str | torch.device | None = None) -> list[dict[str, Any]]:
+                  batch_size: int = 32, device: str | torch.device | None = None,
+                  per_class: bool = False) -> list[dict[str, Any]]:
     """Detect in image files and folders (:func:`expand_images`); with ``out``, write annotated copies there.
 
     Returns one dict per image read. ``on_error``: when given, an image that cannot be read
@@ -220,7 +231,7 @@ def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODE
         sizes = [img.size for _, img in batch]
         tensors = torch.stack([to_tensor(img, image_size) for _, img in batch])
         for (path, img), size, dets in zip(batch, sizes, detect(net, tensors, sizes, threshold, nms_threshold,
-                                                                batch_size)):
+                                                                batch_size, per_class=per_class)):
             result = {"image": str(path), "width": size[0], "height": size[1], "detections": dets}
             if out is not None:
                 name = path.stem
@@ -262,7 +273,8 @@ def main(args: argparse.Namespace) -> int:
 
     results = predict_files(args.images, args.model, threshold, args.out,
                             image_size=data["image_size"], nms_threshold=evaluate["nms_threshold"],
-                            max_pixels=data["max_image_pixels"], on_error=report, device=args.device)
+                            max_pixels=data["max_image_pixels"], on_error=report, device=args.device,
+                            per_class=per_class_nms(evaluate["nms"]))
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     if failed:

@@ -28,6 +28,7 @@ import time
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,12 +38,14 @@ from torch import nn
 
 from . import distributed as dist
 from .anchors import multibox_target
+from .augment import epoch_generator, ssd_augment
 from .boxes import check_boxes
 from .data import DetectionDataset, load_dataset, make_loader
 from .files import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
 from .layout import DATASET_DIR
 from .loss import bbox_eval, calc_loss, cls_eval
 from .model import TinySSD, save_model, unwrap
+from .schedule import lr_factor, make_scheduler
 
 DEFAULT_DATA = Path("data/raw") / DATASET_DIR
 PARAMS = ("base", "data.classes", "data.image_size", "data.max_image_pixels", "model", "train")  # what the stage reads (dvc.yaml too)
@@ -171,9 +174,14 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, last_good: str) -> 
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, *, epoch: int, device: torch.device,
                     autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                    progress: bool = False, last_good: str = "none",
-                    desc: str = "") -> dict[str, float]:
-    """One pass over the loader; returns the epoch's metrics reduced over all ranks."""
+                    progress: bool = False, last_good: str = "none", desc: str = "",
+                    augment: Callable | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
+    """One pass over the loader; returns the epoch's metrics reduced over all ranks.
+
+    ``augment(images, labels) -> (images, labels)`` transforms each batch on the device;
+    ``scheduler`` steps after every optimizer step (see ``ssd.schedule``).
+    """
     from tqdm import tqdm
 
     model.train()
@@ -185,6 +193,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     for step, (images, labels) in enumerate(bar, start=1):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        if augment is not None:
+            images, labels = augment(images, labels)
         loss, stats = forward_loss(model, images, labels, autocast_dtype=autocast_dtype, channels_last=channels_last)
         if _step_hooks:
             loss = _run_step_hooks(TrainStep(epoch, step, images, loss, model))
@@ -192,6 +202,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
         totals += stats
         # Recorded on the device, read every CHECK_EVERY steps: no host sync per step.
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < sys.maxsize), first_bad, step)
@@ -291,7 +303,7 @@ def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: s
     return None
 
 
-CODE_MODULES = ("train", "model", "anchors", "boxes", "loss", "data")
+CODE_MODULES = ("train", "model", "anchors", "boxes", "loss", "data", "augment", "schedule")
 
 
 def code_fingerprint() -> str:
@@ -428,6 +440,7 @@ def build(params: dict[str, Any], data: Path, info: dist.DistInfo) -> Setup:
                          f"over {info.world_size} processes")
     device = info.device
     precision = resolve_precision(settings["precision"], device)
+    lr_factor(settings["lr_schedule"], settings["epochs"], settings["warmup_epochs"])  # refused before any file is touched
     _seed_everything(params["base"]["seed"], settings["deterministic"])
 
     classes = list(params["data"]["classes"])
@@ -497,15 +510,20 @@ def parallel(model: nn.Module, info: dist.DistInfo, compile: bool) -> nn.Module:
 
 def fit(setup: Setup, progress: Progress, params: dict[str, Any], args: argparse.Namespace, tracker: Any) -> None:
     """Train from ``progress.epoch + 1`` to ``setup.epochs``, with a checkpoint after every epoch."""
-    net = parallel(setup.model, setup.info, params["train"]["compile"])
-    main_proc = setup.info.is_main
+    settings, info = params["train"], setup.info
+    net = parallel(setup.model, info, settings["compile"])
+    steps = len(setup.loader)
+    scheduler = make_scheduler(setup.optimizer, settings["lr_schedule"], epochs=setup.epochs, steps_per_epoch=steps,
+                               warmup_epochs=settings["warmup_epochs"], start_step=progress.epoch * steps)
+    main_proc = info.is_main
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_good = str(checkpoint_path(args.checkpoint_dir, progress.epoch)) if progress.epoch else "none"
     for epoch in range(progress.epoch + 1, setup.epochs + 1):
         metrics = train_one_epoch(net, setup.loader, setup.optimizer, setup.scaler, epoch=epoch,
                                   device=setup.info.device, autocast_dtype=AUTOCAST_DTYPES[setup.precision],
                                   channels_last=setup.channels_last, progress=main_proc, last_good=last_good,
-                                  desc=f"epoch {epoch}/{setup.epochs}")
+                                  desc=f"epoch {epoch}/{setup.epochs}", scheduler=scheduler,
+                                  augment=_augmentation(params, epoch, info))
         progress.epoch = epoch
         progress.history.append({"epoch": epoch, **metrics})
         if not main_proc:
@@ -540,6 +558,13 @@ def finish(setup: Setup, progress: Progress, params: dict[str, Any], args: argpa
     print(f"class err {final['class_err']:.2e}, bbox mae {final['bbox_mae']:.2e}\n"
           f"{final['examples_per_sec']:.1f} examples/sec on {device} x {setup.info.world_size} ({setup.precision})")
     return final
+
+
+def _augmentation(params: dict[str, Any], epoch: int, info: dist.DistInfo) -> Callable | None:
+    """The epoch's augmentation (``train.augment``), seeded by (seed, epoch, rank) so a resume redraws it."""
+    if not params["train"]["augment"]:
+        return None
+    return partial(ssd_augment, generator=epoch_generator(params["base"]["seed"], epoch, info.rank, info.device))
 
 
 def _run_tags(setup: Setup) -> dict[str, str]:

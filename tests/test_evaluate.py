@@ -9,7 +9,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ssd.cli import main as cli_main
-from ssd.evaluate import detection_metrics, evaluate, match_detections, precision_recall
+from ssd.anchors import multibox_detection
+from ssd.evaluate import (confusion_matrix, confusion_summary, detection_metrics, evaluate, flat_per_class,
+                          gallery_indices, match_detections, per_class_ap, precision_recall)
 from ssd.model import TinySSD, save_model
 from ssd.params import load_params
 from ssd.tracking import PROVENANCE_KEYS, write_run_file
@@ -84,6 +86,71 @@ class TestMatching:
         assert precision_recall([det()], [truth], [0.5]) == [{"threshold": 0.5, "precision": 0.0, "recall": 0.0}]
 
 
+# Two classes: an "apple" (0) in each image, a "pear" (1) in the second.
+TWO_TRUTH = [torch.tensor([[0, 10, 10, 50, 50.], [-1, -1, -1, -1, -1]]),
+             torch.tensor([[0, 100, 100, 150, 160.], [1, 20, 20, 60, 90.]])]
+CLASSES = ["apple", "pear"]
+
+
+class TestPerClass:
+    def test_perfect_for_one_class_none_for_the_other(self):
+        per_class = per_class_ap(PERFECT, TWO_TRUTH, CLASSES)
+        assert per_class == {"apple": {"ap50": 1.0, "ap": 1.0, "num_objects": 2},
+                             "pear": {"ap50": 0.0, "ap": 0.0, "num_objects": 1}}
+        assert detection_metrics(PERFECT, TWO_TRUTH, 0.9)["map_50"] == pytest.approx(0.5)  # the mean of the two
+
+    def test_per_class_ap_means_to_coco_map(self):
+        preds = [det([0, 0.9, 10, 10, 50, 62], [1, 0.8, 12, 10, 50, 50]),
+                 det([1, 0.7, 20, 22, 60, 90], [0, 0.6, 100, 100, 150, 150], [1, 0.95, 0, 0, 9, 9])]
+        per_class = per_class_ap(preds, TWO_TRUTH, CLASSES)
+        overall = detection_metrics(preds, TWO_TRUTH, 0.5)
+        for key, coco in (("ap50", "map_50"), ("ap", "map")):
+            assert sum(v[key] for v in per_class.values()) / 2 == pytest.approx(overall[coco]), key
+        assert 0 < per_class["pear"]["ap50"] < 1  # its best-scoring detection is a false positive
+
+    def test_class_without_ground_truth_is_minus_one_and_not_logged(self):
+        per_class = per_class_ap(PERFECT, TRUTH, ["banana", "kiwi"])
+        assert per_class["kiwi"] == {"ap50": -1.0, "ap": -1.0, "num_objects": 0}
+        assert flat_per_class(per_class) == {"ap50/banana": 1.0, "ap/banana": 1.0}
+
+
+class TestConfusion:
+    def test_top_detection_at_half_iou_decides(self):
+        preds = [det([1, 0.9, 10, 10, 50, 50], [0, 0.5, 10, 10, 50, 50]),  # apple taken for a pear
+                 det([0, 0.9, 100, 100, 150, 160], [0, 0.99, 0, 0, 5, 5])]  # apple right; pear missed
+        matrix = confusion_matrix(preds, TWO_TRUTH, 2)
+        assert matrix.tolist() == [[1, 1, 0], [0, 0, 1]]
+        summary = confusion_summary(matrix, CLASSES)
+        assert summary["labels"] == ["apple", "pear", "none"]
+        assert summary["confused"] == [{"truth": "apple", "predicted": "pear", "count": 1, "fraction": 0.5}]
+
+    def test_no_detections_are_all_missed(self):
+        assert confusion_matrix([det(), det()], TWO_TRUTH, 2).tolist() == [[0, 0, 2], [0, 0, 1]]
+
+
+class TestGalleryChoice:
+    def test_every_class_appears_first_then_the_rest_in_order(self):
+        labels = torch.full((6, 2, 5), -1.0)
+        labels[:4, 0, 0] = 0          # images 0-3: class 0
+        labels[4, 0, 0] = 1           # image 4: class 1
+        labels[5, :, 0] = 2           # image 5: class 2 twice
+        assert gallery_indices(labels, 3, 3) == [0, 4, 5]
+        assert gallery_indices(labels, 3, 5) == [0, 4, 5, 1, 2]
+        assert gallery_indices(labels, 3, 10) == [0, 4, 5, 1, 2, 3]
+        assert gallery_indices(labels, 3, 0) == []
+
+
+def test_per_class_nms_keeps_overlapping_boxes_of_other_classes():
+    # Two anchors on the same place, one scored apple, the other pear: class-agnostic NMS keeps one.
+    anchors = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.1, 0.1, 0.5, 0.5]]])
+    probs = torch.tensor([[[0.1, 0.1], [0.8, 0.1], [0.1, 0.8]]])   # [B, C + 1, A]
+    offsets = torch.zeros(1, 8)
+    kept = {False: 1, True: 2}
+    for per_class, n in kept.items():
+        out = multibox_detection(probs, offsets, anchors, 0.5, per_class=per_class)
+        assert int((out[0, :, 0] >= 0).sum()) == n, per_class
+
+
 def make_split(folder: Path, n: int, size: int = 64, seed: int = 0) -> None:
     """A banana-layout split of ``n`` size x size PNGs, one yellow box each."""
     rng = random.Random(seed)
@@ -126,7 +193,8 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(stage_inpu
 
     saved = json.loads((reports / "eval.json").read_text())
     assert set(saved.pop("provenance")) == set(PROVENANCE_KEYS)  # ssd.tracking.provenance, tested there
-    assert saved == pytest.approx(metrics)
+    assert saved == metrics  # JSON floats round-trip exactly
+    assert saved["per_class"]["banana"]["ap50"] == pytest.approx(saved["map_50"])  # one class: its AP is the mAP
     for key in ("map_50", "map", "precision", "recall", "class_err", "bbox_mae"):
         assert 0.0 <= saved[key] <= 1.0, key
     assert saved["num_images"] == 6 and saved["num_objects"] == 6
@@ -142,6 +210,8 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(stage_inpu
 
     logged = mlflow.MlflowClient(mlflow_server).get_run(run.info.run_id)
     assert logged.data.metrics["val_map_50"] == pytest.approx(metrics["map_50"])
+    assert logged.data.metrics["val_ap50/banana"] == pytest.approx(metrics["per_class"]["banana"]["ap50"])
+    assert logged.data.metrics["val_ap/banana"] == pytest.approx(metrics["per_class"]["banana"]["ap"])
     artifacts = {a.path for a in mlflow.MlflowClient(mlflow_server).list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/eval.json", "evaluation/pr_curve.csv", "evaluation/pictures"} <= artifacts
 
@@ -154,7 +224,7 @@ def test_evaluate_cli_without_run_file_still_writes_reports(stage_inputs, tmp_pa
                    "--run-file", str(tmp_path / "absent.json")])
     assert rc == 0
     assert "skipped MLflow logging" in capsys.readouterr().err
-    assert {p.name for p in (reports / "pictures").iterdir()} == {"pr_curve.png", "gallery.png"}
+    assert {p.name for p in (reports / "pictures").iterdir()} == {"pr_curve.png", "gallery.png", "confusion.png"}
     assert "map_50" in json.loads((reports / "eval.json").read_text())
 
 
@@ -179,3 +249,39 @@ def test_evaluate_cli_missing_model_is_a_clear_error(stage_inputs, tmp_path, cap
     assert rc == 1
     assert "none.pt" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_on_a_generated_two_class_dataset(tmp_path):
+    """Per-class figures for both classes, a confusion summary, and a gallery showing both."""
+    import zipfile
+
+    from ssd.evaluate import load_validation
+    from ssd.synthetic import generate_archive
+
+    classes = ["banana", "apple"]
+    generate_archive(tmp_path / "two.zip", seed=3, train=1, val=10, max_objects=3, classes=classes)
+    with zipfile.ZipFile(tmp_path / "two.zip") as zf:
+        zf.extractall(tmp_path / "data")
+    (data,) = (tmp_path / "data").iterdir()
+    torch.manual_seed(0)
+    save_model(TinySSD(2, classes=classes), tmp_path / "model.pt")
+    params = load_params(ROOT / "params.yaml", ["data.image_size=64", "data.classes=[banana, apple]",
+                                                "evaluate.gallery_images=2", "evaluate.nms=per_class"])
+
+    metrics = evaluate(params, tmp_path / "model.pt", data, tmp_path / "reports", tmp_path / "none.json")
+
+    saved = json.loads((tmp_path / "reports" / "eval.json").read_text())
+    assert set(saved["per_class"]) == set(classes)
+    assert sum(v["num_objects"] for v in saved["per_class"].values()) == saved["num_objects"]
+    for values in saved["per_class"].values():
+        assert values["num_objects"] > 0 and 0.0 <= values["ap50"] <= 1.0 and 0.0 <= values["ap"] <= values["ap50"]
+    matrix = saved["confusion"]["matrix"]
+    assert saved["confusion"]["labels"] == [*classes, "none"] and len(matrix) == 2 and len(matrix[0]) == 3
+    assert [sum(row) for row in matrix] == [saved["per_class"][c]["num_objects"] for c in classes]
+    assert metrics["per_class"] == saved["per_class"]
+    # The gallery's two images hold both classes, though the first two images of the split may not.
+    dataset = load_validation(params, data)
+    shown = dataset.labels[gallery_indices(dataset.labels, 2, 2)]
+    assert {0.0, 1.0} <= set(shown[..., 0].reshape(-1).tolist())
+    assert {p.name for p in (tmp_path / "reports" / "pictures").iterdir()} == {"pr_curve.png", "gallery.png",
+                                                                               "confusion.png"}
