@@ -1,7 +1,6 @@
 """The loss and metrics against the chapter's own three definitions (the benchmark's seed) as the reference."""
 import pytest
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.seed import bbox_eval as chapter_bbox_eval
