@@ -138,7 +138,7 @@ def test_training_with_augmentation_and_cosine_resumes_bit_exactly(tmp_path, mlf
     import subprocess
     import sys
 
-    from tiny_data import make_project, train_env
+    from tiny_data import FAULTS, make_project, train_env
 
     options = {"augment": True, "lr_schedule": "cosine", "warmup_epochs": 1}
     cmd = [sys.executable, "-m", "ssd", "train"]
@@ -146,7 +146,8 @@ def test_training_with_augmentation_and_cosine_resumes_bit_exactly(tmp_path, mlf
     for name, fault, train in (("whole", None, options), ("crashed", "kill@2:1", options), ("book", None, {})):
         project = make_project(tmp_path / name, **train)
         if fault:
-            killed = subprocess.run(cmd, cwd=project, env=train_env(mlflow_server, SSD_FAULT=fault),
+            killed = subprocess.run([sys.executable, FAULTS], cwd=project,
+                                    env=train_env(mlflow_server, SSD_TEST_FAULT=fault),
                                     capture_output=True, timeout=300)
             assert killed.returncode == -9, killed.stderr.decode()[-2000:]
         done = subprocess.run(cmd, cwd=project, env=train_env(mlflow_server), capture_output=True, timeout=300)
