@@ -57,6 +57,14 @@ def prefect_api(tmp_path_factory):
     with http_server(command, api + "/health", home / "server.log", env=env, timeout=120):
         with temporary_settings(updates={PREFECT_API_URL: api}):
             yield api
+            # Flows ran in this process: their logs and events go out from background workers. Send
+            # them while the server still answers; else Python's exit waits on each one retrying a dead
+            # server (a minute and more per item: the suite once finished, then hung for an hour).
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=60)
+            EventsWorker.drain_all(timeout=60)
     # The scheduler's services must not have failed on any loop (Prefect 3.8.8 with SQLAlchemy 2.1 did).
     errors = [line for line in (home / "server.log").read_text().splitlines() if "| ERROR" in line]
     assert not [line for line in errors if "schedule" in line], errors
