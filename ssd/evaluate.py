@@ -46,7 +46,7 @@ from .boxes import box_iou
 from .files import atomic_dir, atomic_save_figure, atomic_write_json, atomic_write_text
 from .layout import DATASET_DIR
 from .loss import bbox_eval, cls_eval
-from .predict import decode_outputs, per_class_nms
+from .predict import decode_outputs
 
 PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels")  # what the stage reads (dvc.yaml lists them)
 MATCH_IOU = 0.5
@@ -377,7 +377,7 @@ def score(net: torch.nn.Module, dataset: Any, params: dict[str, Any]) -> Scores:
     """
     cfg = params["evaluate"]
     threshold, nms_threshold = float(cfg["threshold"]), float(cfg["nms_threshold"])
-    per_class = per_class_nms(str(cfg.get("nms", "agnostic")))
+    per_class = cfg["nms"] == "per_class"  # the schema allows agnostic | per_class
     net = net.to("cuda" if torch.cuda.is_available() else "cpu")
     preds, seed_metrics = run_model(net, dataset.images, dataset.labels, nms_threshold, per_class=per_class)
 

@@ -36,16 +36,6 @@ PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white
 TRUTH_COLOR = (0, 200, 0)
 
 
-NMS_MODES = ("agnostic", "per_class")
-
-
-def per_class_nms(mode: str) -> bool:
-    """``evaluate.nms`` as the ``per_class`` flag of ``multibox_detection``; a bad value is named."""
-    if mode not in NMS_MODES:
-        raise ValueError(f"evaluate.nms={mode!r}: expected one of {', '.join(NMS_MODES)}")
-    return mode == "per_class"
-
-
 def best_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given (not ``"auto"``), else the first GPU when there is one, else the CPU."""
     if device is not None and str(device) != "auto":
@@ -274,7 +264,7 @@ def main(args: argparse.Namespace) -> int:
     results = predict_files(args.images, args.model, threshold, args.out,
                             image_size=data["image_size"], nms_threshold=evaluate["nms_threshold"],
                             max_pixels=data["max_image_pixels"], on_error=report, device=args.device,
-                            per_class=per_class_nms(evaluate["nms"]))
+                            per_class=evaluate["nms"] == "per_class")
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     if failed:

@@ -45,8 +45,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
 MODEL_ARTIFACT = "model"    # the logged model's name inside the run
 # What the register stage reads (dvc.yaml lists them): re-scoring a champion uses the evaluate settings.
-PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "data.image_size", "data.max_image_pixels",
-          "data.classes")
+PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size",
+          "data.max_image_pixels", "data.classes")
 VAL_DIGEST = "val_digest"   # version tag: the validation split its val_* metrics were computed on
 LOAD_CHECK = "load_check"   # version tag: "passed", or "failed: <why>" (never champion then)
 

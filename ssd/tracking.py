@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import TransientError, is_transient
+from .errors import TransientError
 from .files import atomic_write_json, file_digest
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

@@ -163,6 +163,7 @@ def test_the_checks_can_fail():
     assert params_problems("register", register) == [
         "stage 'register' misses param evaluate.threshold (read by `ssd register`)",
         "stage 'register' misses param evaluate.nms_threshold (read by `ssd register`)",
+        "stage 'register' misses param evaluate.nms (read by `ssd register`)",
         "stage 'register' misses param data.image_size (read by `ssd register`)",
         "stage 'register' misses param data.max_image_pixels (read by `ssd register`)",
         "stage 'register' misses param data.classes (read by `ssd register`)",

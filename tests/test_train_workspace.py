@@ -1,7 +1,6 @@
 """Training loses nothing: a bad start keeps the checkpoints, and one training per workspace at a time."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
