@@ -271,9 +271,14 @@ class DetectionDataset(Dataset):
         return self.images[idx], self.labels[idx]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        # One gather per batch instead of a Python collate over items.
-        idx = torch.as_tensor(indices)
+        # One gather per batch instead of a Python collate over items, where the split lives.
+        idx = torch.as_tensor(indices, device=self.images.device)
         return self.images[idx], self.labels[idx]
+
+    def to(self, device: torch.device) -> "DetectionDataset":
+        """Keep the split on ``device``: batches are then gathered there, with no copy from the host."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
 
 
 def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

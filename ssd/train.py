@@ -453,12 +453,28 @@ def build(params: dict[str, Any], data: Path, info: dist.DistInfo) -> Setup:
     # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
                                 weight_decay=settings["weight_decay"], fused=device.type == "cuda")
+    fingerprint = data_fingerprint(dataset)
+    resident = keep_on_device(dataset, device, settings["num_workers"])
     loader = make_loader(dataset, settings["batch_size"] // info.world_size, shuffle=True,
                          seed=params["base"]["seed"], rank=info.rank, world_size=info.world_size,
-                         num_workers=settings["num_workers"], pin_memory=device.type == "cuda")
+                         num_workers=settings["num_workers"], pin_memory=device.type == "cuda" and not resident)
     return Setup(info=info, epochs=settings["epochs"], precision=precision, channels_last=settings["channels_last"],
-                 dataset=dataset, fingerprint=data_fingerprint(dataset), model=model, optimizer=optimizer,
+                 dataset=dataset, fingerprint=fingerprint, model=model, optimizer=optimizer,
                  scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), loader=loader)
+
+
+def keep_on_device(dataset: DetectionDataset, device: torch.device, num_workers: int,
+                   max_share: float = 0.25) -> bool:
+    """Move the uint8 split onto a GPU when it fits in ``max_share`` of its free memory, so that no
+    training step copies images from the host; returns whether it moved. DataLoader workers cannot
+    hand out CUDA tensors, so ``num_workers > 0`` keeps it on the host."""
+    if device.type != "cuda" or num_workers > 0:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    if dataset.images.nbytes + dataset.labels.nbytes > max_share * free:
+        return False
+    dataset.to(device)
+    return True
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:

@@ -11,9 +11,10 @@ import torch
 
 from ssd.cli import main as cli_main
 from ssd.model import load_model
-from ssd.train import data_fingerprint, register_step_hook, resolve_precision, resume_key
+from ssd.data import load_dataset, make_loader
+from ssd.train import data_fingerprint, keep_on_device, register_step_hook, resolve_precision, resume_key
 from faults import fault_hook
-from tiny_data import FAULTS, make_project, train_env
+from tiny_data import FAULTS, make_project, train_env, write_dataset
 
 
 def _state(path):
@@ -161,3 +162,23 @@ def test_data_fingerprint_tracks_labels(tmp_path):
     a = load_dataset(write_dataset(tmp_path / "a", train=4, val=1), "train", 64)
     b = load_dataset(write_dataset(tmp_path / "b", train=4, val=1, seed=5), "train", 64)
     assert data_fingerprint(a) == data_fingerprint(a) != data_fingerprint(b)
+
+
+def test_dataset_stays_on_the_host_unless_a_gpu_has_room(tmp_path, monkeypatch):
+    dataset = load_dataset(write_dataset(tmp_path, train=4, val=2), "train", 64)
+    images = dataset.images
+    assert not keep_on_device(dataset, torch.device("cpu"), num_workers=0)
+    # Workers cannot hand out CUDA tensors; a GPU without room keeps it too (no GPU needed to check).
+    assert not keep_on_device(dataset, torch.device("cuda"), num_workers=2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * images.nbytes, 10 * images.nbytes))
+    assert not keep_on_device(dataset, torch.device("cuda"), num_workers=0)
+    assert dataset.images is images and dataset.images.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dataset_on_the_gpu_gives_batches_there(tmp_path):
+    dataset = load_dataset(write_dataset(tmp_path, train=4, val=2), "train", 64)
+    host = dataset.images.clone()
+    assert keep_on_device(dataset, torch.device("cuda"), num_workers=0)
+    images, labels = next(iter(make_loader(dataset, 2, shuffle=False)))
+    assert images.is_cuda and labels.is_cuda and torch.equal(images.cpu(), host[:2])
