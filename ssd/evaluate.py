@@ -46,6 +46,7 @@ from .boxes import box_iou
 from .files import atomic_dir, atomic_save_figure, atomic_write_json, atomic_write_text
 from .layout import DATASET_DIR
 from .loss import bbox_eval, cls_eval
+from .model import as_input
 from .predict import decode_outputs
 
 PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels")  # what the stage reads (dvc.yaml lists them)
@@ -203,7 +204,7 @@ def run_model(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     correct = anchors_seen = abs_err = offsets_seen = 0.0
     for start in range(0, len(images), batch_size):
         X, Y = images[start:start + batch_size], labels[start:start + batch_size].to(device)
-        anchors, cls_preds, bbox_preds = net(X.to(device).float())
+        anchors, cls_preds, bbox_preds = net(as_input(X, device))
         bbox_labels, bbox_masks, cls_labels = multibox_target(anchors, Y)
         correct += float(cls_eval(cls_preds, cls_labels))
         anchors_seen += cls_labels.numel()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .anchors import multibox_detection
+from .model import as_input
 from .data import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, read_image, read_rgb, to_tensor
 
 DEFAULT_MODEL = "models:/tinyssd@champion"
@@ -66,7 +67,7 @@ def detect_raw(net: torch.nn.Module, images: torch.Tensor, nms_threshold: float 
     """Detections of a ``uint8 Tensor[B, 3, S, S]`` batch (0..255, unnormalised, as in the seed), before
     any score threshold, on the net's device: see :func:`decode_outputs`."""
     device = next(net.parameters()).device
-    return decode_outputs(*net(images.to(device).float()), nms_threshold, max_detections, per_class=per_class)
+    return decode_outputs(*net(as_input(images, device)), nms_threshold, max_detections, per_class=per_class)
 
 
 def to_pixels(rows: torch.Tensor, size: tuple[int, int], classes: Sequence[str],

@@ -44,7 +44,7 @@ from .data import DetectionDataset, load_dataset, make_loader
 from .files import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
 from .layout import DATASET_DIR
 from .loss import bbox_eval, calc_loss, cls_eval
-from .model import TinySSD, save_model, unwrap
+from .model import TinySSD, as_input, save_model, unwrap
 from .schedule import lr_factor, make_scheduler
 
 DEFAULT_DATA = Path("data/raw") / DATASET_DIR
@@ -144,8 +144,7 @@ def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
         ``loss`` (0-dim, mean over the batch) and ``float64 Tensor[6]``: summed per-example loss,
         examples, correctly classified anchors, anchors, summed abs bbox error, bbox label count.
     """
-    # One copy: uint8 NCHW straight to float32 in the layout the convolutions want.
-    X = images.to(torch.float32, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    X = as_input(images, channels_last=channels_last)
     autocast = (torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else nullcontext())
     with autocast:
