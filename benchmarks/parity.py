@@ -1,18 +1,20 @@
 """Accuracy parity: the fast training default against plain fp32 NCHW, same data, seeds and epochs.
 
-    python -m benchmarks.parity [--seeds 0 1 2] [--epochs 16] [--also bf16] [--out parity.json]
+    python -m benchmarks.parity [--seeds 0 1 2] [--epochs 16] [--variants default bf16 nudged] [--out parity.json]
 
 Generates bananas (``ssd.synthetic``), and for every seed trains TinySSD with
-``ssd.train.train_one_epoch`` from the same initial weights and data order as plain fp32 NCHW, as the
-default (``train.precision`` resolved here, channels-last) and at each ``--also`` precision
-(channels-last), then prints validation mAP@0.5 of each, their differences from fp32 per seed and
-the mean difference over the seeds. One seed is not enough: two fp32 runs whose convolutions only sum
-in a different order drift apart on a short run, so the goal is judged on the mean.
+``ssd.train.train_one_epoch`` from the same initial weights and data order as plain fp32 NCHW (the
+reference) and as each variant, then prints validation mAP@0.5 of each, their differences from the
+reference per seed and the mean difference over the seeds. Variants: ``default`` (``train.precision``
+resolved here, channels-last), ``fp32``/``bf16``/``fp16`` (channels-last at that precision) and
+``nudged``: the reference's own arithmetic from initial weights one float step away, which shows how
+far rounding alone moves a run of this length (the resolution of the comparison).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -23,8 +25,19 @@ from typing import Any
 import torch
 
 
+# name -> train_and_score settings; precision None: the --precision given (the params' default).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32_nchw": {"precision": "fp32", "channels_last": False},
+    "default": {"precision": None, "channels_last": True},
+    "fp32": {"precision": "fp32", "channels_last": True},
+    "bf16": {"precision": "bf16", "channels_last": True},
+    "fp16": {"precision": "fp16", "channels_last": True},
+    "nudged": {"precision": "fp32", "channels_last": False, "nudge": True},
+}
+
+
 def train_and_score(root: Path, *, image_size: int, epochs: int, precision: str, channels_last: bool,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, nudge: bool = False) -> dict[str, Any]:
     from ssd.data import load_dataset, make_loader
     from ssd.evaluate import MAX_DETECTIONS, coco_map, run_model
     from ssd.model import TinySSD
@@ -37,6 +50,10 @@ def train_and_score(root: Path, *, image_size: int, epochs: int, precision: str,
     model = TinySSD(1, image_size=image_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if nudge:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=5e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     loader = make_loader(train, 32, shuffle=True, seed=seed)
@@ -72,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--precision", default="auto", help="the default side's train.precision (default: auto)")
-    parser.add_argument("--also", action="append", default=[], choices=["fp32", "bf16", "fp16"],
-                        help="also train at this precision, channels-last (repeatable)")
+    parser.add_argument("--precision", default="auto", help="the default variant's train.precision (default: auto)")
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                        help="compared with plain fp32 NCHW (default: default)")
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
     args = parser.parse_args(argv)
 
@@ -83,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from ssd.synthetic import generate_archive
 
     keep_freed_memory()  # as `ssd train` does; it changes no arithmetic
-    variants = {"fp32_nchw": ("fp32", False), "default": (args.precision, True)}
-    variants.update({precision: (precision, True) for precision in args.also})
+    variants = {"fp32_nchw": VARIANTS["fp32_nchw"], **{name: VARIANTS[name] for name in args.variants}}
+    variants = {name: {**v, "precision": v.get("precision") or args.precision} for name, v in variants.items()}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         generate_archive(Path(tmp) / "bananas.zip", seed=0, train=args.train, val=args.val)
@@ -92,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             zf.extractall(tmp)
         root = Path(tmp) / "banana-detection"
         for seed in args.seeds:
-            for name, (precision, channels_last) in variants.items():
-                result = train_and_score(root, image_size=args.image_size, epochs=args.epochs, seed=seed,
-                                         precision=precision, channels_last=channels_last)
+            for name, variant in variants.items():
+                result = train_and_score(root, image_size=args.image_size, epochs=args.epochs, seed=seed, **variant)
                 print(f"seed {seed} {name}: mAP@0.5 {result['map_50']:.4f} ({result['train_seconds']} s)",
                       flush=True)
                 runs[name].append(result)

@@ -102,15 +102,17 @@ def test_parity_pairs_every_variant_with_fp32_of_the_same_seed(tmp_path):
     """The parity report's differences are per seed against plain fp32 NCHW, and the seeds really differ."""
     out = tmp_path / "parity.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.parity", "--train", "8", "--val", "4",
-                           "--image-size", "64", "--epochs", "1", "--seeds", "0", "1", "--also", "fp32",
+                           "--image-size", "64", "--epochs", "1", "--seeds", "0", "1", "--variants", "default", "fp32", "nudged",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     runs, summary = report["runs"], report["summary"]
-    assert set(runs) == {"fp32_nchw", "default", "fp32"}
+    assert set(runs) == {"fp32_nchw", "default", "fp32", "nudged"}
     assert [(r["precision"], r["channels_last"]) for r in runs["fp32"]] == [("fp32", True)] * 2
     assert [r["channels_last"] for r in runs["fp32_nchw"]] == [False, False]
+    # One float step in the initial weights changes the run, and nothing else does.
+    assert [r["final_loss"] for r in runs["nudged"]] != [r["final_loss"] for r in runs["fp32_nchw"]]
     assert runs["fp32_nchw"][0]["final_loss"] != runs["fp32_nchw"][1]["final_loss"]  # seeds differ
     for name, rows in runs.items():
         expected = [r["map_50"] - ref["map_50"] for r, ref in zip(rows, runs["fp32_nchw"])]
