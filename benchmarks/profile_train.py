@@ -1,12 +1,14 @@
 """Where a training step's time goes, and how far it is from this CPU's arithmetic peak.
 
-    python -m benchmarks.profile_train [--steps 3] [--batch-size 32] [--image-size 256] [--fp32-nchw]
+    python -m benchmarks.profile_train [--steps 3] [--batch-size 32] [--image-size 256] [--precision auto] [--fp32-nchw]
 
 Runs ``ssd train``'s step (``forward_loss`` + backward + SGD, the training defaults, the process setup
 of ``ssd train``) under ``torch.profiler`` and prints: time per op family (convolution, batch norm,
-ReLU, pooling, the rest), the convolutions' FLOPs and the rate they ran at, a large fp32 matmul's
-rate on this machine (the practical peak), and the lower bound on a step's time that the FLOPs set
-at that peak. User and system CPU time per step come from ``os.times``.
+ReLU, pooling, the rest), the convolutions' FLOPs (forward and backward, counted by
+``torch.utils.flop_counter``) and the rate they ran at, a large matmul's rate on this machine in the
+step's precision (the practical peak: fp32, or bf16 where the step runs in bf16), and the lower bound
+on a step's time that the FLOPs set at that peak. User and system CPU time per step come from
+``os.times``.
 """
 from __future__ import annotations
 
@@ -18,14 +20,15 @@ from collections import defaultdict
 import torch
 
 FAMILIES = (("convolution", ("conv", "mkldnn_convolution")), ("batch_norm", ("batch_norm",)),
-            ("relu", ("relu", "threshold")), ("max_pool", ("max_pool", "amax")),
+            ("relu", ("relu", "threshold", "clamp_min")), ("max_pool", ("max_pool", "amax")),
             ("loss_and_targets", ("cross_entropy", "nll_loss", "log_softmax", "l1", "abs", "topk", "gather")))
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> tuple[float, float]:
-    """fp32 GFLOP/s of an ``n x n`` matmul, best of ``reps``: per wall second (the practical peak of
-    this CPU when nothing else runs) and per CPU-second of all threads (per core, whatever the load)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """GFLOP/s of an ``n x n`` matmul in ``dtype``, best of ``reps``: per wall second (the practical
+    peak of this CPU when nothing else runs) and per CPU-second of all threads (per core, whatever
+    the load)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     wall = cpu = float("inf")
     for _ in range(reps):
@@ -47,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="train.precision of the step (default: %(default)s, as params.yaml)")
     parser.add_argument("--fp32-nchw", action="store_true", help="plain fp32 NCHW instead of the defaults")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak-rate matmul")
     parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's malloc settings alone")
     args = parser.parse_args(argv)
 
     from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
 
     from ssd.distributed import keep_freed_memory
     from ssd.model import TinySSD
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kept = False if args.no_keep_memory else keep_freed_memory()
     device = torch.device("cpu")
-    precision = "fp32" if args.fp32_nchw else resolve_precision("auto", device)
+    precision = "fp32" if args.fp32_nchw else resolve_precision(args.precision, device)
     channels_last = not args.fp32_nchw
     torch.manual_seed(0)
     B, S = args.batch_size, args.image_size
@@ -85,19 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         step()
     t1, wall = os.times(), (time.perf_counter() - w0) / args.steps
     user, system = (t1.user - t0.user) / args.steps, (t1.system - t0.system) / args.steps
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             step()
+    # The profiler's own FLOP count sees autocast's extra conv2d call and counts it twice; the
+    # dispatch-level counter sees each convolution and its backward once.
+    with FlopCounterMode(display=False) as counter:
+        step()
+    step_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
     by_family: dict[str, float] = defaultdict(float)
-    conv_flops = 0.0
-    n_peak = 2048
+    n_peak = args.matmul_size
     # Self time per op, grouped: sums to the step's time without double counting.
     for evt in prof.key_averages():
         by_family[family(evt.key)] += evt.self_cpu_time_total
-        if "conv" in evt.key:
-            conv_flops += evt.flops or 0
     self_total = sum(by_family.values())
-    peak, per_core = matmul_gflops(n_peak)
+    peak_dtype = AUTOCAST_DTYPES[precision] or torch.float32
+    peak, per_core = matmul_gflops(n_peak, dtype=peak_dtype)
     print(f"{precision}, {'channels_last' if channels_last else 'NCHW'}, batch {B}, {S}x{S}, "
           f"{torch.get_num_threads()} threads, freed memory kept: {kept}")
     print(f"step: {wall:.2f} s wall = {B / wall:.1f} examples/s; CPU per step: user {user:.2f} s, "
@@ -107,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     others = sorted(((e.self_cpu_time_total, e.key) for e in prof.key_averages() if family(e.key) == "other"),
                     reverse=True)[:6]
     print("  other, largest: " + ", ".join(f"{k} {100 * us / self_total:.1f}%" for us, k in others))
-    step_flops = 3 * conv_flops / args.steps  # the profiler counts forward FLOPs; backward is about 2x that
     conv_s = by_family["convolution"] / 1e6 / args.steps
-    print(f"convolutions: {step_flops / B / 1e9:.2f} GFLOP/example forward + backward; they ran at "
+    print(f"convolutions: {step_flops / B / 1e9:.4g} GFLOP/example forward + backward; they ran at "
           f"{step_flops / conv_s / 1e9:.0f} GFLOP/s ({100 * by_family['convolution'] / self_total:.0f}% of the step)")
-    print(f"fp32 matmul {n_peak}x{n_peak}: {peak:.0f} GFLOP/s wall, {per_core:.0f} GFLOP per CPU-second "
+    dtype_name = str(peak_dtype).removeprefix("torch.")
+    print(f"{dtype_name} matmul {n_peak}x{n_peak}: {peak:.0f} GFLOP/s wall, {per_core:.0f} GFLOP per CPU-second "
           f"(x {torch.get_num_threads()} threads = {per_core * torch.get_num_threads():.0f} GFLOP/s on free cores)")
     floor = step_flops / B / (per_core * 1e9)
     print(f"floor from the FLOPs alone at that rate: {floor:.3f} CPU-s/example "

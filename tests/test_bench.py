@@ -119,3 +119,34 @@ def test_parity_pairs_every_variant_with_fp32_of_the_same_seed(tmp_path):
         assert summary[name]["difference"] == expected
         assert math.isclose(summary[name]["mean_difference"], sum(expected) / 2)
     assert summary["fp32_nchw"]["difference"] == [0.0, 0.0]
+
+
+def _conv_flops_per_example(image_size: int) -> tuple[int, int]:
+    """Forward FLOPs of TinySSD's convolutions for one image (2 * Cin * k * k * Cout per output
+    pixel), all of them and the first one alone, from the modules' shapes."""
+    model, shapes = TinySSD(1), {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, (m, o.shape)))
+    model(torch.zeros(1, 3, image_size, image_size))
+    flops = {name: 2 * m.in_channels * m.kernel_size[0] * m.kernel_size[1] * out[1:].numel()
+             for name, (m, out) in shapes.items()}
+    return sum(flops.values()), flops["blk_0.0.0"]
+
+
+def test_profile_counts_each_convolution_once_in_every_precision():
+    """FLOPs per example are forward + weight gradients + input gradients (none for the image
+    itself): 3F - F(first conv), the same under bf16 autocast (whose extra conv2d call the
+    profiler's own counter saw twice)."""
+    forward, first = _conv_flops_per_example(64)
+    expected = (3 * forward - first) / 1e9
+    for precision in ("fp32", "bf16"):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_train", "--steps", "1", "--batch-size", "2",
+                               "--image-size", "64", "--precision", precision, "--matmul-size", "128"],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"{precision}, channels_last, batch 2, 64x64"), proc.stdout
+        counted = float(proc.stdout.split("convolutions: ")[1].split(" GFLOP/example")[0])
+        assert math.isclose(counted, expected, rel_tol=1e-3), (counted, expected, proc.stdout)
+        assert f"{'bfloat16' if precision == 'bf16' else 'float32'} matmul 128x128" in proc.stdout
