@@ -45,15 +45,23 @@ def family(name: str) -> str:
     return "other"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a zero step count or size divides by zero)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_train", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--image-size", type=positive_int, default=256)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="train.precision of the step (default: %(default)s, as params.yaml)")
     parser.add_argument("--fp32-nchw", action="store_true", help="plain fp32 NCHW instead of the defaults")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak-rate matmul")
+    parser.add_argument("--matmul-size", type=positive_int, default=2048, help="side of the peak-rate matmul")
     parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's malloc settings alone")
     args = parser.parse_args(argv)
 
@@ -101,13 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         step()
     step_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
     by_family: dict[str, float] = defaultdict(float)
-    n_peak = args.matmul_size
     # Self time per op, grouped: sums to the step's time without double counting.
     for evt in prof.key_averages():
         by_family[family(evt.key)] += evt.self_cpu_time_total
     self_total = sum(by_family.values())
     peak_dtype = AUTOCAST_DTYPES[precision] or torch.float32
-    peak, per_core = matmul_gflops(n_peak, dtype=peak_dtype)
+    peak, per_core = matmul_gflops(args.matmul_size, dtype=peak_dtype)
     print(f"{precision}, {'channels_last' if channels_last else 'NCHW'}, batch {B}, {S}x{S}, "
           f"{torch.get_num_threads()} threads, freed memory kept: {kept}")
     print(f"step: {wall:.2f} s wall = {B / wall:.1f} examples/s; CPU per step: user {user:.2f} s, "
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"convolutions: {step_flops / B / 1e9:.4g} GFLOP/example forward + backward; they ran at "
           f"{step_flops / conv_s / 1e9:.0f} GFLOP/s ({100 * by_family['convolution'] / self_total:.0f}% of the step)")
     dtype_name = str(peak_dtype).removeprefix("torch.")
-    print(f"{dtype_name} matmul {n_peak}x{n_peak}: {peak:.0f} GFLOP/s wall, {per_core:.0f} GFLOP per CPU-second "
+    n = args.matmul_size
+    print(f"{dtype_name} matmul {n}x{n}: {peak:.0f} GFLOP/s wall, {per_core:.0f} GFLOP per CPU-second "
           f"(x {torch.get_num_threads()} threads = {per_core * torch.get_num_threads():.0f} GFLOP/s on free cores)")
     floor = step_flops / B / (per_core * 1e9)
     print(f"floor from the FLOPs alone at that rate: {floor:.3f} CPU-s/example "

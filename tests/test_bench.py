@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 
-def _run_bench(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.bench", *args], capture_output=True, text=True,
+def _run_bench(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+               module: str = "benchmarks.bench") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
@@ -101,10 +102,8 @@ def test_smoke_bench_measures_everything(tmp_path):
 def test_parity_pairs_every_variant_with_fp32_of_the_same_seed(tmp_path):
     """The parity report's differences are per seed against plain fp32 NCHW, and the seeds really differ."""
     out = tmp_path / "parity.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.parity", "--train", "8", "--val", "4",
-                           "--image-size", "64", "--epochs", "1", "--seeds", "0", "1", "--variants", "default", "fp32", "nudged",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = _run_bench("--train", "8", "--val", "4", "--image-size", "64", "--epochs", "1", "--seeds", "0", "1",
+                      "--variants", "default", "fp32", "nudged", "--out", str(out), module="benchmarks.parity")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     runs, summary = report["runs"], report["summary"]
@@ -141,10 +140,8 @@ def test_profile_counts_each_convolution_once_in_every_precision():
     forward, first = _conv_flops_per_example(64)
     expected = (3 * forward - first) / 1e9
     for precision in ("fp32", "bf16"):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_train", "--steps", "1", "--batch-size", "2",
-                               "--image-size", "64", "--precision", precision, "--matmul-size", "128"],
-                              capture_output=True, text=True, timeout=600, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = _run_bench("--steps", "1", "--batch-size", "2", "--image-size", "64", "--precision", precision,
+                          "--matmul-size", "128", module="benchmarks.profile_train")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(f"{precision}, channels_last, batch 2, 64x64"), proc.stdout
         counted = float(proc.stdout.split("convolutions: ")[1].split(" GFLOP/example")[0])
