@@ -8,7 +8,7 @@ the ``d2l`` package's ``multibox_prior``/``multibox_target``/``multibox_detectio
 the benchmark's device (everything is built there; timers synchronize CUDA):
 
 * training examples/sec of one step at batch 32, 256x256: the seed's (fp32, NCHW, ``float()``
-  metrics) vs ours (``ssd.train.forward_loss`` + backward + SGD step with the training defaults:
+  metrics) vs ours (``ssd.engine.loop.forward_loss`` + backward + SGD step with the training defaults:
   what ``train.precision`` and ``train.channels_last`` of params.yaml resolve to here, and the
   process setup of ``ssd train``). Each side runs in its own process, whose ``ru_maxrss`` is that
   run's peak memory; seed and ours alternate for ``--rounds`` rounds and the best of each counts,
@@ -156,12 +156,12 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _time_ours(spec: dict[str, Any], device: torch.device, images: torch.Tensor, labels: torch.Tensor
                ) -> tuple[dict[str, float], dict[str, Any]]:
-    """``ssd.train.train_one_epoch``'s step without the loader, after ``ssd train``'s process setup."""
-    from ssd.distributed import keep_freed_memory
-    from ssd.model import TinySSD
-    from ssd.train import AUTOCAST_DTYPES, forward_loss, resolve_precision
+    """``ssd.engine.loop.train_one_epoch``'s step without the loader, after ``ssd train``'s process setup."""
+    from ssd.engine.distributed import keep_freed_memory
+    from ssd.core.model import TinySSD
+    from ssd.engine.loop import AUTOCAST_DTYPES, forward_loss, resolve_precision
 
-    kept = keep_freed_memory() if device.type == "cpu" else False  # as ssd.distributed.init_distributed
+    kept = keep_freed_memory() if device.type == "cpu" else False  # as ssd.engine.distributed.init_distributed
     precision = resolve_precision(spec["precision"], device)
     channels_last = spec["channels_last"]
     model = TinySSD(1).to(device)
@@ -231,13 +231,13 @@ def bench_train(sizes: dict[str, Any], device: torch.device, configs: dict[str, 
 # In-process measurements
 
 def _anchors(image_size: int, device: torch.device) -> torch.Tensor:
-    from ssd.model import TinySSD
+    from ssd.core.model import TinySSD
 
     return TinySSD(1, image_size=image_size).to(device).anchors
 
 
 def bench_detection(sizes: dict[str, Any], device: torch.device, gen: torch.Generator) -> dict[str, Any]:
-    from ssd.anchors import multibox_detection
+    from ssd.core.anchors import multibox_detection
 
     d2l = require_d2l()
     B, anchors = sizes["batch_size"], _anchors(sizes["image_size"], device)
@@ -256,7 +256,7 @@ def bench_detection(sizes: dict[str, Any], device: torch.device, gen: torch.Gene
 
 
 def bench_target(sizes: dict[str, Any], device: torch.device, gen: torch.Generator) -> dict[str, Any]:
-    from ssd.anchors import multibox_target
+    from ssd.core.anchors import multibox_target
 
     d2l = require_d2l()
     anchors = _anchors(sizes["image_size"], device)
@@ -272,7 +272,7 @@ def write_images(folder: Path, count: int, size: int) -> list[Path]:
     import numpy as np
     from PIL import Image
 
-    from ssd.synthetic import render_image
+    from ssd.data.synthetic import render_image
 
     paths = []
     for i in range(count):
@@ -287,8 +287,8 @@ def bench_predict(sizes: dict[str, Any], device: torch.device, model: Path | Non
     ``predict()`` on each image (its net already in memory), with the same weights."""
     import torchvision
 
-    from ssd.model import TinySSD, load_model, save_model
-    from ssd.predict import predict_files
+    from ssd.core.model import TinySSD, load_model, save_model
+    from ssd.engine.inference import predict_files
 
     from . import seed as book
 
@@ -352,7 +352,7 @@ def bench_dvc_repro(project: Path) -> dict[str, Any]:
 
 def cpu_info() -> dict[str, Any]:
     """The CPU's name, the flags of :data:`CPU_FLAGS` it has, and whether bf16 is native."""
-    from ssd.train import cpu_has_fast_bf16
+    from ssd.engine.loop import cpu_has_fast_bf16
 
     name, flags = "", set()
     try:
@@ -456,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(train_child(json.loads(args.child))))
         return 0
-    from ssd.files import atomic_write_json
-    from ssd.predict import best_device
+    from ssd.util.files import atomic_write_json
+    from ssd.engine.inference import best_device
 
     report = run_bench(smoke=args.smoke, device=best_device(args.device), precisions=args.precision,
                        project=args.project, model=args.model, with_compile=args.compile,

@@ -2,8 +2,8 @@
 
     python -m benchmarks.parity [--seeds 0 1 2] [--epochs 16] [--variants default bf16 nudged] [--out parity.json]
 
-Generates bananas (``ssd.synthetic``), and for every seed trains TinySSD with
-``ssd.train.train_one_epoch`` from the same initial weights and data order as plain fp32 NCHW (the
+Generates bananas (``ssd.data.synthetic``), and for every seed trains TinySSD with
+``ssd.engine.loop.train_one_epoch`` from the same initial weights and data order as plain fp32 NCHW (the
 reference) and as each variant, then prints validation mAP@0.5 of each, their differences from the
 reference per seed and the mean difference over the seeds. Variants: ``default`` (``train.precision``
 resolved here, channels-last), ``fp32``/``bf16``/``fp16`` (channels-last at that precision) and
@@ -38,10 +38,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def train_and_score(root: Path, *, image_size: int, epochs: int, precision: str, channels_last: bool,
                     seed: int = 0, nudge: bool = False) -> dict[str, Any]:
-    from ssd.data import load_dataset, make_loader
-    from ssd.evaluate import MAX_DETECTIONS, coco_map, run_model
-    from ssd.model import TinySSD
-    from ssd.train import AUTOCAST_DTYPES, resolve_precision, train_one_epoch
+    from ssd.data.dataset import load_dataset, make_loader
+    from ssd.engine.evaluation import MAX_DETECTIONS, coco_map, run_model
+    from ssd.core.model import TinySSD
+    from ssd.engine.loop import AUTOCAST_DTYPES, resolve_precision, train_one_epoch
 
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
     args = parser.parse_args(argv)
 
-    from ssd.distributed import keep_freed_memory
-    from ssd.files import atomic_write_text
-    from ssd.synthetic import generate_archive
+    from ssd.engine.distributed import keep_freed_memory
+    from ssd.util.files import atomic_write_text
+    from ssd.data.synthetic import generate_archive
 
     keep_freed_memory()  # as `ssd train` does; it changes no arithmetic
     variants = {"fp32_nchw": VARIANTS["fp32_nchw"], **{name: VARIANTS[name] for name in args.variants}}

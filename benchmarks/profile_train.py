@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ssd.distributed import keep_freed_memory
-    from ssd.model import TinySSD
-    from ssd.train import AUTOCAST_DTYPES, forward_loss, resolve_precision
+    from ssd.engine.distributed import keep_freed_memory
+    from ssd.core.model import TinySSD
+    from ssd.engine.loop import AUTOCAST_DTYPES, forward_loss, resolve_precision
 
     kept = False if args.no_keep_memory else keep_freed_memory()
     device = torch.device("cpu")

@@ -4,7 +4,7 @@ The ``d2l`` package holds the chapter's anchor functions (``multibox_prior``, ``
 ``multibox_detection``) but not its network, loss or ``predict``: those are transcribed here, with
 the book's names, so the benchmark times the seed's own code (anchors rebuilt on every forward,
 ``float()`` metrics each step, fp32, NCHW, one image per ``predict``). Layer names equal
-:class:`ssd.model.TinySSD`'s, so state dicts load both ways.
+:class:`ssd.core.model.TinySSD`'s, so state dicts load both ways.
 """
 from __future__ import annotations
 

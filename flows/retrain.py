@@ -8,7 +8,7 @@ exactly the commands of ``dvc.yaml``: an unchanged stage is skipped, ``dvc.lock`
 stage logic lives here. The fetch task runs ``dvc repro fetch``: fetch together with the always-run
 ``source`` stage before it, which rewrites the source's fingerprint only when the data changed
 upstream, so fetch (and what depends on the data) reruns exactly then. The run summary says whether
-the data was fetched again and why (``ssd.fetch.fetch_reason``). The stage's stdout and stderr are
+the data was fetched again and why (``ssd.data.fetch.fetch_reason``). The stage's stdout and stderr are
 streamed into the task's Prefect log line by line; a stage that fails raises ``StageFailed`` naming
 the stage and the last lines of its stderr (``TransientStageFailure`` when its command exited 75).
 
@@ -17,7 +17,7 @@ Parameters work like ``dvc exp run -S key=value``: the overrides are written int
 agree afterwards. ``nproc`` and ``source`` are shorthands for ``train.nproc`` (the number of torchrun
 processes in the train stage's command) and ``data.source``.
 
-Retries follow the ``ssd`` exit codes (``ssd.cli``) alone: a task is retried, with exponential
+Retries follow the ``ssd`` exit codes (``ssd.util.errors``) alone: a task is retried, with exponential
 backoff, when (and only when) its stage's command exited 75 (transient: a server unreachable, or
 5xx/429 after the command's own bounded retries); exit 1 (refused input, failed check) fails at once.
 DVC exits 255 whatever its command's status, so each stage reports that status in the file named by
@@ -42,10 +42,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
-from ssd.cli import EXIT_STATUS_ENV, EXIT_TEMPFAIL
-from ssd.fetch import FINGERPRINT_FILE, fetch_reason, fetched_fingerprint, read_fingerprint
-from ssd.files import atomic_write_text
-from ssd.params import apply_overrides, check_params, parse_yaml
+from ssd.data.fetch import fetch_reason, fetched_fingerprint, read_fingerprint
+from ssd.data.layout import SOURCE_FILE
+from ssd.util.errors import EXIT_STATUS_ENV, EXIT_TEMPFAIL
+from ssd.util.files import atomic_write_text
+from ssd.util.params import apply_overrides, check_params, parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("fetch", "validate", "train", "evaluate", "register")
@@ -215,7 +216,7 @@ def flow_overrides(overrides: list[str] | None, nproc: int | None, source: str |
 def write_params(path: str | Path, overrides: list[str]) -> list[str]:
     """Apply ``key.sub=value`` overrides to the params file in place, keeping its comments.
 
-    ``ssd.params.apply_overrides`` checks the keys and parses the values, and the result must pass
+    ``ssd.util.params.apply_overrides`` checks the keys and parses the values, and the result must pass
     the params schema (one implementation for the CLI and the flow: a bad value fails here, before
     any stage runs, and the file is left as it was); only the overridden keys are then set in a
     round-trip copy of the file, which is written atomically. Returns the overrides that changed
@@ -284,7 +285,7 @@ def _gate_line(gate: dict[str, Any] | None) -> str | None:
 def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
                      data: dict[str, Any] | None = None) -> str:
     """The run's markdown artifact: whether the data was fetched again and why (``data``, from
-    ``ssd.fetch.fetch_reason``), stages, metrics table, model version and champion decision."""
+    ``ssd.data.fetch.fetch_reason``), stages, metrics table, model version and champion decision."""
     reg = results.get("registration") or {}
     if outcomes.get("register") == "ran" and reg.get("decision") == "promoted":
         standing = "**became champion**"
@@ -336,7 +337,7 @@ def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = Non
     fetched_from = fetched_fingerprint(project / RAW_DIR)  # before fetch may replace the data
     outcomes = {"fetch": fetch.with_options(
         retry_delay_seconds=exponential_backoff(fetch_backoff_s)(FETCH_RETRIES))(str(project))}
-    data = fetch_reason(fetched_from, read_fingerprint(project / FINGERPRINT_FILE), outcomes["fetch"])
+    data = fetch_reason(fetched_from, read_fingerprint(project / SOURCE_FILE), outcomes["fetch"])
     logger.info("data: %s", data["reason"])
     for stage_task in (validate, train, evaluate, register):
         outcomes[stage_task.name] = stage_task(str(project))

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, LABEL_HEADER, SPLIT_DIRS
-from ssd.synthetic import generate_archive
+from ssd.data.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, LABEL_HEADER, SPLIT_DIRS
+from ssd.data.synthetic import generate_archive
 
 TINY = {"seed": 0, "train": 8, "val": 4, "max_objects": 1, "classes": ["banana"]}
 

@@ -7,7 +7,7 @@ import d2l.torch as d2l
 import pytest
 import torch
 
-from ssd.anchors import (assign_anchor_to_bbox, multibox_detection, multibox_prior, multibox_target, nms,
+from ssd.core.anchors import (assign_anchor_to_bbox, multibox_detection, multibox_prior, multibox_target, nms,
                          offset_boxes, offset_inverse)
 
 DTYPES = [torch.float32, torch.float64]

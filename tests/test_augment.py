@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ssd.augment import crop, epoch_generator, hflip, photometric_distort, random_crop, random_hflip, ssd_augment
+from ssd.core.augment import crop, epoch_generator, hflip, photometric_distort, random_crop, random_hflip, ssd_augment
 
 S = 32
 

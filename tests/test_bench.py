@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import seed as book
 from benchmarks.bench import bench_dvc_repro, realistic_scores
-from ssd.model import TinySSD
+from ssd.core.model import TinySSD
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))

@@ -5,7 +5,7 @@ import d2l.torch as d2l
 import pytest
 import torch
 
-from ssd.boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
+from ssd.core.boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
 
 DTYPES = [torch.float32, torch.float64]
 

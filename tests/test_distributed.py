@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssd import distributed
-from ssd.model import TinySSD
-from ssd.train import cpu_has_fast_bf16, forward_loss, resolve_precision, rng_state, set_rng_state
+from ssd.engine import distributed
+from ssd.core.model import TinySSD
+from ssd.engine.loop import cpu_has_fast_bf16, forward_loss, resolve_precision, rng_state, set_rng_state
 from servers import free_port
 from tiny_data import FAULTS, make_project, torchrun, train_env
 
@@ -180,7 +180,7 @@ def test_more_ranks_than_gpus_is_refused():
 
 _RSS_AFTER_FREE = """
 import resource, sys, torch
-from ssd.distributed import keep_freed_memory
+from ssd.engine.distributed import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def rss_mb():

@@ -6,7 +6,7 @@ included (read with ``ast``, nothing is imported). The stage must list exactly t
 
 Params: the module declares the keys its stage reads (``<COMMAND>_PARAMS``, else ``PARAMS``: a
 tuple of sections like ``"train"`` or keys like ``"data.image_size"``) and the stage's code reads
-``ssd.params.select_params(params, PARAMS)``, so a read outside the declaration fails in the
+``ssd.util.params.select_params(params, PARAMS)``, so a read outside the declaration fails in the
 stage's own tests. Here the declaration must match the stage's ``params:`` in dvc.yaml.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from ssd.cli import COMMANDS
-from ssd.params import SCHEMA
+from ssd.util.params import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "ssd"
@@ -153,13 +153,13 @@ def test_every_stage_runs_an_ssd_command():
 
 
 def test_the_checks_can_fail():
-    evaluate = {**STAGES["evaluate"], "deps": [d for d in STAGES["evaluate"]["deps"] if d != "ssd/model.py"]}
+    evaluate = {**STAGES["evaluate"], "deps": [d for d in STAGES["evaluate"]["deps"] if d != "ssd/core/model.py"]}
     assert code_problems("evaluate", evaluate) == [
-        "stage 'evaluate' misses dep ssd/model.py (imported by `ssd evaluate`)"]
-    register = {**STAGES["register"], "deps": [*STAGES["register"]["deps"], "ssd/train.py"],
+        "stage 'evaluate' misses dep ssd/core/model.py (imported by `ssd evaluate`)"]
+    register = {**STAGES["register"], "deps": [*STAGES["register"]["deps"], "ssd/engine/loop.py"],
                 "params": ["registry", "data.source"]}
     assert code_problems("register", register) == [
-        "stage 'register' lists dep ssd/train.py, which `ssd register` does not import"]
+        "stage 'register' lists dep ssd/engine/loop.py, which `ssd register` does not import"]
     assert params_problems("register", register) == [
         "stage 'register' misses param evaluate.threshold (read by `ssd register`)",
         "stage 'register' misses param evaluate.nms_threshold (read by `ssd register`)",
@@ -171,9 +171,11 @@ def test_the_checks_can_fail():
 
 
 def test_imports_are_followed_into_functions_and_relative_forms():
-    # registry imports evaluate's scoring inside a function, evaluate imports model relatively
-    assert "ssd.evaluate" in package_imports("ssd.registry") and "ssd.cli" in package_imports("ssd.registry")
-    assert {"ssd/evaluate.py", "ssd/model.py", "ssd/boxes.py", "ssd/layout.py"} <= code_deps("ssd.registry")
+    # registry imports evaluation's scoring inside a function; the package's __main__ imports the cli relatively
+    assert "ssd.engine.evaluation" in package_imports("ssd.mlops.registry")
+    assert package_imports("ssd.__main__") == {"ssd.cli"}
+    assert {"ssd/engine/evaluation.py", "ssd/core/model.py", "ssd/core/boxes.py", "ssd/data/layout.py"} <= \
+        code_deps("ssd.mlops.registry")
 
 
 def test_shims_import_only_the_cli():

@@ -37,7 +37,7 @@ IMAGE_PLOTS = ["reports/train_curve.png", "reports/pictures/pr_curve.png", "repo
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """``(repo, env)``: the baseline committed on main, then each experiment run in the workspace from main."""
-    from ssd.params import load_params
+    from ssd.util.params import load_params
 
     root = tmp_path_factory.mktemp("experiments")
     repo = copy_project(root / "repo")

@@ -9,12 +9,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from ssd.cli import main as cli_main
-from ssd.anchors import multibox_detection
-from ssd.evaluate import (confusion_matrix, confusion_summary, detection_metrics, evaluate, flat_per_class,
+from ssd.core.anchors import multibox_detection
+from ssd.engine.evaluation import (confusion_matrix, confusion_summary, detection_metrics, evaluate, flat_per_class,
                           gallery_indices, match_detections, per_class_ap, precision_recall)
-from ssd.model import TinySSD, save_model
-from ssd.params import load_params
-from ssd.tracking import PROVENANCE_KEYS, write_run_file
+from ssd.core.model import TinySSD, save_model
+from ssd.util.params import load_params
+from ssd.mlops.tracking import PROVENANCE_KEYS, write_run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(stage_inpu
     metrics = evaluate(params, stage_inputs / "model.pt", stage_inputs / "data", reports, run_file)
 
     saved = json.loads((reports / "eval.json").read_text())
-    assert set(saved.pop("provenance")) == set(PROVENANCE_KEYS)  # ssd.tracking.provenance, tested there
+    assert set(saved.pop("provenance")) == set(PROVENANCE_KEYS)  # ssd.mlops.tracking.provenance, tested there
     assert saved == metrics  # JSON floats round-trip exactly
     assert saved["per_class"]["banana"]["ap50"] == pytest.approx(saved["map_50"])  # one class: its AP is the mAP
     for key in ("map_50", "map", "precision", "recall", "class_err", "bbox_mae"):
@@ -255,8 +255,8 @@ def test_evaluate_on_a_generated_two_class_dataset(tmp_path):
     """Per-class figures for both classes, a confusion summary, and a gallery showing both."""
     import zipfile
 
-    from ssd.evaluate import load_validation
-    from ssd.synthetic import generate_archive
+    from ssd.engine.evaluation import load_validation
+    from ssd.data.synthetic import generate_archive
 
     classes = ["banana", "apple"]
     generate_archive(tmp_path / "two.zip", seed=3, train=1, val=10, max_objects=3, classes=classes)

@@ -1,4 +1,4 @@
-"""ssd.fetch: real archives over real HTTP (127.0.0.1) and from files; every refusal keeps the old data."""
+"""ssd.data.fetch: real archives over real HTTP (127.0.0.1) and from files; every refusal keeps the old data."""
 from __future__ import annotations
 
 import http.server
@@ -13,7 +13,7 @@ import pytest
 
 from archive_helpers import (TINY, closed_port_url, good_zip, layout_members, serve, sha1_of, tree_hash,
                              zip_with)
-from ssd.fetch import download, fetch
+from ssd.data.fetch import download, fetch
 
 
 def params(**data) -> dict:

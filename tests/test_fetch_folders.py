@@ -1,4 +1,4 @@
-"""ssd.fetch with a dataset folder as the source (either layout) and the leftovers of killed fetches.
+"""ssd.data.fetch with a dataset folder as the source (either layout) and the leftovers of killed fetches.
 
 The folders are made here (tiny generated images); a real `ssd fetch` is killed mid-download.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from archive_helpers import TINY, good_zip, tree_hash
-from ssd.fetch import _host, _process_start, check_source, fetch, remove_leftovers, work_prefix
-from ssd.validate import run_validation
+from ssd.data.fetch import _host, _process_start, check_source, fetch, remove_leftovers, work_prefix
+from ssd.data.checks import run_validation
 from tiny_data import write_dataset, write_split
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import matplotlib
 import pytest
 import torch
 
-from ssd.files import (atomic_dir, atomic_path, atomic_save_figure, atomic_torch_save, atomic_write_bytes,
+from ssd.util.files import (atomic_dir, atomic_path, atomic_save_figure, atomic_torch_save, atomic_write_bytes,
                        atomic_write_json, atomic_write_text)
 
 matplotlib.use("Agg")

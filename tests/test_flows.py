@@ -84,7 +84,7 @@ def make_project(root: Path) -> Path:
 
 def build_zips(folder: Path) -> dict[str, bytes]:
     """A good archive and one whose train labels hold an impossible box."""
-    from ssd.synthetic import generate_archive
+    from ssd.data.synthetic import generate_archive
 
     good = folder / "good.zip"
     generate_archive(good, seed=0, train=16, val=8, image_size=160)
@@ -205,7 +205,7 @@ def artifact(flow_run_id):
 def trained(prefect_api, archive_server, tmp_path_factory):
     """The whole flow, once, on a fresh project whose dataset server answers 503 until ``ssd fetch``
     has given up once: the fetch task then succeeds on its Prefect retry."""
-    from ssd.fetch import RETRIES
+    from ssd.data.fetch import RETRIES
 
     project = make_project(tmp_path_factory.mktemp("project"))
     archive_server.fail["/good.zip"] = RETRIES + 1  # every attempt of the first `ssd fetch`
@@ -224,7 +224,7 @@ def test_write_params_keeps_comments_and_checks_keys(tmp_path):
     before = path.read_text()
     changed = rt.write_params(path, rt.flow_overrides(["train.epochs=3"], 2, "http://h:1/x.zip"))
     assert changed == ["train.epochs=3", "train.nproc=2", 'data.source="http://h:1/x.zip"']
-    from ssd.params import load_params
+    from ssd.util.params import load_params
 
     params = load_params(path)
     assert (params["train"]["epochs"], params["train"]["nproc"], params["data"]["source"]) == (3, 2, "http://h:1/x.zip")
@@ -285,7 +285,7 @@ def test_prefect_yaml_schedule_matches_code():
 # the flow on Prefect's server
 
 def test_flow_end_to_end_with_flaky_fetch(trained):
-    from ssd.fetch import RETRIES
+    from ssd.data.fetch import RETRIES
 
     state, project = trained["state"], trained["project"]
     assert state.is_completed(), state
@@ -358,7 +358,7 @@ def _fetch_only(project: Path, source: str):
 
 
 def test_task_retries_on_exit_75_and_only_then(prefect_api, archive_server, tmp_path):
-    from ssd.fetch import RETRIES
+    from ssd.data.fetch import RETRIES
 
     # Every attempt of the first `ssd fetch` gets 503: it gives up, exit 75; the task's retry gets the zip.
     archive_server.fail["/good.zip"] = RETRIES + 1

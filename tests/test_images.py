@@ -1,4 +1,4 @@
-"""The one image reader (ssd.data.read_image) in every stage: EXIF orientation for pixels, boxes and
+"""The one image reader (ssd.data.dataset.read_image) in every stage: EXIF orientation for pixels, boxes and
 predictions; 16-bit and other modes; the pixel limit; animations; predict over folders; label.csv errors.
 
 Every awkward input is made here, by the test itself.
@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from ssd.cli import main as cli_main
-from ssd.data import ImageTooLarge, load_dataset, read_image, read_labels, read_rgb
-from ssd.model import TinySSD, save_model
-from ssd.predict import predict_files
-from ssd.validate import run_validation
+from ssd.data.dataset import ImageTooLarge, load_dataset, read_image, read_labels, read_rgb
+from ssd.core.model import TinySSD, save_model
+from ssd.engine.inference import predict_files
+from ssd.data.checks import run_validation
 from tiny_data import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def test_served_model_reads_exif_and_keeps_the_limit(model_file):
     from mlflow.pyfunc import PythonModelContext
 
     import pandas as pd
-    from ssd.pyfunc import TinySSDModel, encode_image
+    from ssd.mlops.pyfunc import TinySSDModel, encode_image
 
     model = TinySSDModel()
     model.load_context(PythonModelContext(artifacts={"weights": str(model_file)},

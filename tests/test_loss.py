@@ -6,8 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.seed import bbox_eval as chapter_bbox_eval
 from benchmarks.seed import calc_loss as chapter_calc_loss
 from benchmarks.seed import cls_eval as chapter_cls_eval
-from ssd.anchors import multibox_prior, multibox_target
-from ssd.loss import bbox_eval, calc_loss, cls_eval
+from ssd.core.anchors import multibox_prior, multibox_target
+from ssd.core.loss import bbox_eval, calc_loss, cls_eval
 
 
 def make_batch(seed: int, batch: int = 3, num_classes: int = 1):
@@ -119,9 +119,9 @@ def host_syncs(monkeypatch):
 
 
 def _training_step(precision: str):
-    """``ssd.train.train_one_epoch``'s step on a 64x64 batch; returns a closure running one step."""
-    from ssd.model import TinySSD
-    from ssd.train import AUTOCAST_DTYPES, forward_loss
+    """``ssd.engine.loop.train_one_epoch``'s step on a 64x64 batch; returns a closure running one step."""
+    from ssd.core.model import TinySSD
+    from ssd.engine.loop import AUTOCAST_DTYPES, forward_loss
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

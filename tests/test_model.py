@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from ssd.anchors import multibox_target
-from ssd.loss import calc_loss
+from ssd.core.anchors import multibox_target
+from ssd.core.loss import calc_loss
 from benchmarks.seed import TinySSD as ChapterTinySSD  # the chapter's network, as the book prints it
-from ssd.model import (SEED_RATIOS, SEED_SIZES, GlobalMaxPool, SSDConfig, TinySSD, load_model, save_model,
+from ssd.core.model import (SEED_RATIOS, SEED_SIZES, GlobalMaxPool, SSDConfig, TinySSD, load_model, save_model,
                        unwrap)
 
 # Anchors per input size with the seed's 4 anchors per pixel: feature maps S/8, S/16, S/32, S/64, 1x1.

@@ -9,7 +9,7 @@ import pytest
 
 from ssd.cli import COMMANDS
 from ssd.cli import main as cli_main
-from ssd.params import SCHEMA, apply_overrides, check_params, load_params, parse_yaml, select_params
+from ssd.util.params import SCHEMA, apply_overrides, check_params, load_params, parse_yaml, select_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PARAMS = ROOT / "params.yaml"

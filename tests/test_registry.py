@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ssd.cli import main as cli_main
-from ssd.model import TinySSD, save_model
-from ssd.params import load_params
-from ssd.registry import decide_promotion, register
-from ssd.tracking import PROVENANCE_KEYS, write_run_file
+from ssd.core.model import TinySSD, save_model
+from ssd.util.params import load_params
+from ssd.mlops.registry import decide_promotion, register
+from ssd.mlops.tracking import PROVENANCE_KEYS, write_run_file
 from servers import FaultyProxy, dead_port
 from tiny_data import write_dataset
 

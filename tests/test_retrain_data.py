@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from archive_helpers import closed_port_url, good_zip
-from ssd.fetch import (check_source, describe_change, fetch, fetch_reason, fetched_fingerprint, read_fingerprint,
+from ssd.data.fetch import (check_source, describe_change, fetch, fetch_reason, fetched_fingerprint, read_fingerprint,
                        source_fingerprint)
-from ssd.synthetic import generate_archive
+from ssd.data.synthetic import generate_archive
 from test_flows import TINY, make_project, prefect_api  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,9 +300,9 @@ def test_flow_retrains_when_the_zip_changes_and_rescores_the_champion(prefect_ap
     import mlflow
 
     from flows import retrain as rt
-    from ssd.tracking import split_digest
-    from ssd.params import load_params
-    from ssd.registry import rescore_version
+    from ssd.mlops.tracking import split_digest
+    from ssd.util.params import load_params
+    from ssd.mlops.registry import rescore_version
     from test_flows import artifact
 
     _dvc_env(monkeypatch)
@@ -368,8 +368,8 @@ def _candidate(folder: Path, uri: str, map_50: float, seed: int = 0, weights: by
     """What train and evaluate leave for register: weights (a fresh TinySSD, or ``weights``), a run, eval.json."""
     import mlflow
 
-    from ssd.model import TinySSD, save_model
-    from ssd.tracking import write_run_file
+    from ssd.core.model import TinySSD, save_model
+    from ssd.mlops.tracking import write_run_file
 
     folder.mkdir(parents=True)
     if weights is None:
@@ -392,11 +392,11 @@ def test_gate_rescores_champion_on_the_new_split(mlflow_server, tmp_path):
     new split) lets the challenger in. Same split again: the stored figure counts, no re-scoring."""
     import mlflow
 
-    from ssd.tracking import split_digest
-    from ssd.evaluate import load_validation, score
-    from ssd.model import load_model
-    from ssd.params import load_params
-    from ssd.registry import register
+    from ssd.mlops.tracking import split_digest
+    from ssd.engine.evaluation import load_validation, score
+    from ssd.core.model import load_model
+    from ssd.util.params import load_params
+    from ssd.mlops.registry import register
     from tiny_data import write_dataset
 
     name = "tinyssd-gate-test"
@@ -434,8 +434,8 @@ def test_champion_that_cannot_be_loaded_stops_registration(mlflow_server, tmp_pa
     import mlflow
 
     from ssd.cli import main as cli_main
-    from ssd.params import load_params
-    from ssd.registry import register
+    from ssd.util.params import load_params
+    from ssd.mlops.registry import register
     from tiny_data import write_dataset
 
     name = "tinyssd-broken-champion"

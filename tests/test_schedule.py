@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ssd.schedule import lr_factor, make_scheduler
+from ssd.core.schedule import lr_factor, make_scheduler
 
 
 def lrs(kind: str, epochs: int, steps: int, warmup: float, start: int = 0, lr: float = 0.2) -> list[float]:

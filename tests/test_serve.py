@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd.model import TinySSD, save_model
-from ssd.params import load_params
-from ssd.predict import predict_files
-from ssd.pyfunc import OUTPUT_COLUMNS
-from ssd.registry import register
+from ssd.core.model import TinySSD, save_model
+from ssd.util.params import load_params
+from ssd.engine.inference import predict_files
+from ssd.mlops.pyfunc import OUTPUT_COLUMNS
+from ssd.mlops.registry import register
 
 from servers import free_port, http_server
 from tiny_data import write_dataset
-from ssd.tracking import write_run_file
+from ssd.mlops.tracking import write_run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tinyssd-serve-test"

@@ -1,4 +1,4 @@
-"""ssd.synthetic: the boxes are the drawn pixels, the sizes match the real data, the archive is reproducible."""
+"""ssd.data.synthetic: the boxes are the drawn pixels, the sizes match the real data, the archive is reproducible."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ssd.synthetic import MAX_ASPECT, MAX_SIDE, MIN_ASPECT, MIN_SIDE, _banana, _round_fruit, generate_archive, \
+from ssd.data.synthetic import MAX_ASPECT, MAX_SIDE, MIN_ASPECT, MIN_SIDE, _banana, _round_fruit, generate_archive, \
     render_image
 
 

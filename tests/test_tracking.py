@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ssd.cli import main as cli_main
-from ssd.tracking import (PROVENANCE_KEYS, data_source, dvc_md5, flatten_params, provenance, read_run_file,
+from ssd.mlops.tracking import (PROVENANCE_KEYS, data_source, dvc_md5, flatten_params, provenance, read_run_file,
                           run_name)
 from tiny_data import make_project, train_env
 
@@ -87,7 +87,7 @@ def test_flatten_params():
 
 @pytest.mark.parametrize("uri", ["sqlite:///x.db", "file:///tmp/mlruns"])
 def test_store_uris_need_no_server(uri):
-    from ssd.tracking import ensure_reachable
+    from ssd.mlops.tracking import ensure_reachable
 
     assert ensure_reachable(uri) == uri
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ssd.cli import main as cli_main
-from ssd.model import load_model
-from ssd.data import load_dataset, make_loader
-from ssd.train import data_fingerprint, keep_on_device, register_step_hook, resolve_precision, resume_key
+from ssd.core.model import load_model
+from ssd.data.dataset import load_dataset, make_loader
+from ssd.engine.loop import data_fingerprint, keep_on_device, register_step_hook, resolve_precision, resume_key
 from faults import fault_hook
 from tiny_data import FAULTS, make_project, train_env, write_dataset
 
@@ -106,7 +106,7 @@ def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tm
     project = make_project(tmp_path / "p")
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setattr("ssd.train._step_hooks", [fault_hook("nan@2:1")])
+    monkeypatch.setattr("ssd.engine.loop._step_hooks", [fault_hook("nan@2:1")])
     monkeypatch.setenv("SSD_DEBUG", "1")  # let the CLI re-raise instead of printing
     with pytest.raises(RuntimeError, match=r"non-finite loss at epoch 2 step 1.*epoch_0001\.pt"):
         cli_main(["train"])
@@ -140,7 +140,7 @@ def test_precision_and_resume_key():
 
 
 def test_step_hooks_see_every_step_until_removed(tmp_path, monkeypatch, mlflow_server):
-    from ssd import train
+    from ssd.engine import loop
 
     project = make_project(tmp_path / "p", images=8, batch_size=4)
     monkeypatch.chdir(project)
@@ -152,11 +152,11 @@ def test_step_hooks_see_every_step_until_removed(tmp_path, monkeypatch, mlflow_s
     finally:
         remove()
     remove()  # twice is harmless
-    assert seen == [(1, 1, 4, 0), (1, 2, 4, 0), (2, 1, 4, 0), (2, 2, 4, 0)] and train._step_hooks == []
+    assert seen == [(1, 1, 4, 0), (1, 2, 4, 0), (2, 1, 4, 0), (2, 2, 4, 0)] and loop._step_hooks == []
 
 
 def test_data_fingerprint_tracks_labels(tmp_path):
-    from ssd.data import load_dataset
+    from ssd.data.dataset import load_dataset
     from tiny_data import write_dataset
 
     a = load_dataset(write_dataset(tmp_path / "a", train=4, val=1), "train", 64)

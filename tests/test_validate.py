@@ -1,4 +1,4 @@
-"""ssd.validate: a clean dataset gets its report; every kind of damage is refused, all of it listed."""
+"""ssd.data.checks: a clean dataset gets its report; every kind of damage is refused, all of it listed."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from archive_helpers import good_zip, tree_hash
-from ssd.validate import run_validation
+from ssd.data.checks import run_validation
 
 TRAIN = Path("banana-detection/bananas_train")
 VAL = Path("banana-detection/bananas_val")

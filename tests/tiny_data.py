@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_COLUMNS, LABEL_FILE, SPLIT_DIRS
+from ssd.data.layout import DATASET_DIR, IMAGES_DIR, LABEL_COLUMNS, LABEL_FILE, SPLIT_DIRS
 
 
 def write_split(split_dir: Path, count: int, size: int = 64, seed: int = 0) -> Path:

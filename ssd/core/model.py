@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .anchors import multibox_prior
+from ssd.core.anchors import multibox_prior
 
 SEED_SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
 SEED_RATIOS = [1.0, 2.0, 0.5]
@@ -181,7 +181,7 @@ class TinySSD(nn.Module):
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> None:
     """Write ``{"config", "model", **extra}`` atomically; loadable with ``weights_only=True``."""
-    from .files import atomic_torch_save
+    from ssd.util.files import atomic_torch_save
 
     net = unwrap(model)
     atomic_torch_save({"config": asdict(net.config), "model": net.state_dict(), **extra}, path)

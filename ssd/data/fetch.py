@@ -7,7 +7,7 @@ Prefect flow call it. Sources:
 * ``auto``: ``d2l`` when the network answers; when it is unreachable (DNS failure, refused or
   timed-out connection) the synthetic dataset instead, with a loud warning, recorded in the
   manifest. A checksum mismatch or an HTTP error is never a reason to fall back;
-* ``synthetic``: generated bananas (``ssd.synthetic``), seeded by ``data.synthetic.seed``;
+* ``synthetic``: generated bananas (``ssd.data.synthetic``), seeded by ``data.synthetic.seed``;
 * an ``http(s)://`` or ``file://`` URL, or a path to a zip (``--sha1`` checked when given);
 * a path to a dataset folder, in the banana layout (``[banana-detection/]bananas_train`` and
   ``bananas_val``) or with ``train/`` and ``val/``, each split holding ``images/`` and ``label.csv``:
@@ -28,7 +28,6 @@ that file, so DVC reruns it exactly when the source changed, and records it in t
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -49,13 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, TypeVar
 
-from ssd.errors import TransientError
-from ssd.files import atomic_write_json, file_digest
-from ssd.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, SPLIT_DIRS
+from ssd.util.errors import TransientError
+from ssd.util.files import atomic_write_json, file_digest
+from ssd.data.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, RAW_DIR, SOURCE_FILE, SPLIT_DIRS
 
-# The params each stage reads (dvc.yaml lists them; tests/test_dvc_deps.py compares).
-SOURCE_PARAMS = ("data.source", "data.url", "data.synthetic", "data.image_size")
-FETCH_PARAMS = ("data.source", "data.url", "data.sha1", "data.synthetic", "data.image_size")
 CONNECT_TIMEOUT = 8.0        # seconds; an offline machine falls back to synthetic data this fast
 RETRIES = 3                  # for transient failures only (timeouts mid-transfer, 5xx, resets)
 MAX_TOTAL_BYTES = 4 << 30    # 4 GiB unpacked: the real archive is far smaller
@@ -240,7 +236,7 @@ def folder_splits(root: Path) -> dict[str, Path]:
     """The train and val split folders of a dataset folder: the banana layout (``bananas_train`` and
     ``bananas_val``, directly or under ``banana-detection/``) or ``train/`` and ``val/``, each split with
     ``images/`` and ``label.csv`` (or ``labels.csv``). ``ValueError`` naming what is missing otherwise."""
-    from ssd.data import LABEL_FILES
+    from ssd.data.dataset import LABEL_FILES
 
     base = root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
     layouts = {"banana layout": {split: base / d for split, d in SPLIT_DIRS.items()},
@@ -260,7 +256,7 @@ def copy_folder(root: Path, dest: Path) -> int:
     """Copy the dataset folder ``root`` (:func:`folder_splits`) into ``dest`` in the banana layout
     (``dest/bananas_train``, ``dest/bananas_val``); returns the number of files copied. Hidden files
     (``.DS_Store`` and the like) and subfolders of ``images/`` are left out: they are never images."""
-    from ssd.data import label_file
+    from ssd.data.dataset import label_file
 
     files = 0
     for split, src in folder_splits(root).items():
@@ -343,7 +339,6 @@ def remove_leftovers(parent: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # sources: what a source names, and its fingerprint (the `source` stage)
 
-FINGERPRINT_FILE = Path("data/source.json")
 HEAD_REFUSED = {403, 405, 501}  # servers that refuse HEAD but serve GET (e.g. URLs presigned for GET)
 
 
@@ -465,7 +460,7 @@ def source_fingerprint(source: str | None, params: dict[str, Any],
                 "error": "unreachable" if unreachable else "no answer after retries"}
 
 
-def read_fingerprint(path: str | Path = FINGERPRINT_FILE) -> dict[str, Any] | None:
+def read_fingerprint(path: str | Path = SOURCE_FILE) -> dict[str, Any] | None:
     """The fingerprint in ``path`` (written by :func:`check_source`), or None if there is none."""
     try:
         value = json.loads(Path(path).read_text())
@@ -474,7 +469,7 @@ def read_fingerprint(path: str | Path = FINGERPRINT_FILE) -> dict[str, Any] | No
     return value if isinstance(value, dict) else None
 
 
-def fetched_fingerprint(data_dir: str | Path = "data/raw") -> dict[str, Any] | None:
+def fetched_fingerprint(data_dir: str | Path = RAW_DIR) -> dict[str, Any] | None:
     """The fingerprint the dataset in ``data_dir`` was fetched from (its manifest), or None."""
     manifest = read_fingerprint(Path(data_dir) / "manifest.json")
     return (manifest or {}).get("source_fingerprint")
@@ -535,7 +530,7 @@ def fetch_reason(previous: dict[str, Any] | None, current: dict[str, Any] | None
 
 
 def check_source(source: str | None, params: dict[str, Any],
-                 out: str | Path = FINGERPRINT_FILE, data_dir: str | Path = "data/raw",
+                 out: str | Path = SOURCE_FILE, data_dir: str | Path = RAW_DIR,
                  **probe: Any) -> dict[str, Any]:
     """The `source` stage: write the source's fingerprint to ``out`` (atomically, only when it changed).
 
@@ -561,7 +556,7 @@ def _warn(message: str) -> None:
 
 
 def _generate(work: Path, synth: dict[str, Any], image_size: int, progress: bool) -> Path:
-    from ssd.synthetic import generate_archive
+    from ssd.data.synthetic import generate_archive
 
     archive = work / "synthetic-banana-detection.zip"
     generate_archive(archive, seed=synth["seed"], train=synth["train"], val=synth["val"], image_size=image_size,
@@ -737,52 +732,3 @@ def fetch(source: str | None, sha1: str | None, out: str | Path, params: dict[st
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ssd.cli import add_params_arguments
-
-    parser.add_argument("--source", help="auto, d2l, synthetic, a URL, a zip or a dataset folder "
-                                         "(default: params data.source)")
-    parser.add_argument("--sha1", help="expected SHA-1 of the archive (default for d2l/auto: params data.sha1)")
-    parser.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
-    parser.add_argument("--fingerprint", metavar="FILE",
-                        help="the source's fingerprint written by `ssd source`, recorded in the manifest")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_params_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from ssd.params import load_params, select_params
-
-    params = select_params(load_params(args.params, args.set), FETCH_PARAMS)
-    fingerprint = None
-    if args.fingerprint:
-        fingerprint = read_fingerprint(args.fingerprint)
-        if fingerprint is None:
-            raise FileNotFoundError(f"{args.fingerprint}: no source fingerprint there (run `ssd source` first)")
-    manifest = fetch(args.source, args.sha1, args.out, params, progress=not args.quiet, fingerprint=fingerprint)
-    files = ", ".join(f"{k}: {v['images']} images / {v['label_rows']} boxes" for k, v in manifest["files"].items())
-    digest = f"sha1 {manifest['sha1']}" if manifest["sha1"] else f"tree sha256 {manifest['tree_sha256'][:12]}…"
-    print(f"fetched {manifest['resolved_source']} dataset ({digest}) into "
-          f"{Path(args.out) / DATASET_DIR}: {files}")
-    if manifest["synthetic_fallback"]:
-        print("NOTE: synthetic fallback (network unreachable); see manifest.json", file=sys.stderr)
-    return 0
-
-
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    from ssd.cli import add_params_arguments
-
-    parser.add_argument("--source", help="as for `ssd fetch` (default: params data.source)")
-    parser.add_argument("--out", default=str(FINGERPRINT_FILE), help="fingerprint file (default: %(default)s)")
-    parser.add_argument("--data", default="data/raw", help="the fetched dataset, to compare with (default: %(default)s)")
-    add_params_arguments(parser)
-
-
-def source_main(args: argparse.Namespace) -> int:
-    from ssd.params import load_params, select_params
-
-    params = select_params(load_params(args.params, args.set), SOURCE_PARAMS)
-    result = check_source(args.source, params, args.out, args.data)
-    print(f"{result['change']}; {args.out} " + ("written" if result["written"] else "unchanged"))
-    return 0

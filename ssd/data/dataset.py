@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .layout import IMAGES_DIR, LABEL_COLUMNS, LABEL_FILE, SPLIT_DIRS
+from ssd.data.layout import IMAGES_DIR, LABEL_COLUMNS, LABEL_FILE, SPLIT_DIRS
 
 LABEL_FILES = (LABEL_FILE, "labels.csv")
 SPLITS = {"train": (SPLIT_DIRS["train"], "train"), "val": (SPLIT_DIRS["val"], "val", "test")}

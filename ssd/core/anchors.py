@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms, nms
 
-from .boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
+from ssd.core.boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
 
 __all__ = [
     "multibox_prior",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import importlib.util
 import io
 import os
 import random
@@ -36,19 +37,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as dist
-from .anchors import multibox_target
-from .augment import epoch_generator, ssd_augment
-from .boxes import check_boxes
-from .data import DetectionDataset, load_dataset, make_loader
-from .files import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
-from .layout import DATASET_DIR
-from .loss import bbox_eval, calc_loss, cls_eval
-from .model import TinySSD, as_input, save_model, unwrap
-from .schedule import lr_factor, make_scheduler
+from ssd.engine import distributed as dist
+from ssd.core.anchors import multibox_target
+from ssd.core.augment import epoch_generator, ssd_augment
+from ssd.core.boxes import check_boxes
+from ssd.data.dataset import DetectionDataset, load_dataset, make_loader
+from ssd.util.files import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
+from ssd.core.loss import bbox_eval, calc_loss, cls_eval
+from ssd.core.model import TinySSD, as_input, save_model, unwrap
+from ssd.core.schedule import lr_factor, make_scheduler
 
-DEFAULT_DATA = Path("data/raw") / DATASET_DIR
-PARAMS = ("base", "data.classes", "data.image_size", "data.max_image_pixels", "model", "train")  # what the stage reads (dvc.yaml too)
 HISTORY_COLUMNS = ["epoch", "loss", "class_err", "bbox_mae", "examples_per_sec"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_GLOB = "epoch_*.pt"
@@ -179,7 +177,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     """One pass over the loader; returns the epoch's metrics reduced over all ranks.
 
     ``augment(images, labels) -> (images, labels)`` transforms each batch on the device;
-    ``scheduler`` steps after every optimizer step (see ``ssd.schedule``).
+    ``scheduler`` steps after every optimizer step (see ``ssd.core.schedule``).
     """
     from tqdm import tqdm
 
@@ -302,14 +300,15 @@ def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: s
     return None
 
 
-CODE_MODULES = ("train", "model", "anchors", "boxes", "loss", "data", "augment", "schedule")
+CODE_MODULES = ("ssd.engine.loop", "ssd.core.model", "ssd.core.anchors", "ssd.core.boxes", "ssd.core.loss",
+                "ssd.data.dataset", "ssd.core.augment", "ssd.core.schedule")
 
 
 def code_fingerprint() -> str:
     """SHA-1 of the training code: a checkpoint is only resumed by the code that made it."""
     digest = hashlib.sha1()
     for name in CODE_MODULES:
-        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
     return digest.hexdigest()
 
 
@@ -353,39 +352,6 @@ def curve_figure(history: list[dict[str, float]], epochs: int):
 # ----------------------------------------------------------------------------------------------
 # The stage, in steps: build -> resume -> fit -> finish
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_params_arguments
-    from .tracking import RUN_FILE
-
-    add_params_arguments(parser)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: %(default)s)")
-    parser.add_argument("--model-out", type=Path, default=Path("models/model.pt"))
-    parser.add_argument("--checkpoint-dir", type=Path, default=Path("models/checkpoints"))
-    parser.add_argument("--run-file", type=Path, default=RUN_FILE)
-    parser.add_argument("--metrics-out", type=Path, default=Path("reports/train.json"))
-    parser.add_argument("--history-out", type=Path, default=Path("reports/train_history.csv"))
-    parser.add_argument("--curve-out", type=Path, default=Path("reports/train_curve.png"))
-    parser.add_argument("--experiment", default="tinyssd", help="MLflow experiment (default: %(default)s)")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
-
-
-def main(args: argparse.Namespace) -> int:
-    from .params import load_params, select_params
-    from .tracking import ensure_reachable, tracking_uri
-
-    params = select_params(load_params(args.params, args.set), PARAMS)
-    info = dist.init_distributed()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        uri = ensure_reachable(tracking_uri()) if info.is_main else ""  # before any file or training time
-        with _workspace_lock(args.checkpoint_dir, info):
-            train(params, args, info, uri)
-    finally:  # leave the process as it was (tests call this in-process)
-        torch.use_deterministic_algorithms(deterministic)
-        dist.destroy_distributed()
-    return 0
-
-
 @dataclass
 class Setup:
     """What one process trains with; built before any file or MLflow run is touched."""
@@ -412,7 +378,7 @@ class Progress:
 
 def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo, uri: str) -> dict[str, Any]:
     """The whole stage, tracked in MLflow at ``uri`` (rank 0); returns the final metrics (on every rank)."""
-    from .tracking import Tracker, provenance, run_name
+    from ssd.mlops.tracking import Tracker, provenance, run_name
 
     setup = build(params, args.data, info)
     progress = resume(setup, params, args)
@@ -489,7 +455,7 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 def resume(setup: Setup, params: dict[str, Any], args: argparse.Namespace) -> Progress:
     """Load the newest matching checkpoint into ``setup`` (every rank), or start at epoch 0."""
-    from .tracking import read_run_file
+    from ssd.mlops.tracking import read_run_file
 
     progress = Progress()
     ckpt = None
@@ -598,9 +564,9 @@ def _device_name(device: torch.device) -> str:
 
 
 @contextmanager
-def _workspace_lock(checkpoint_dir: Path, info: dist.DistInfo) -> Iterator[None]:
+def workspace_lock(checkpoint_dir: Path, info: dist.DistInfo) -> Iterator[None]:
     """One training per checkpoint folder at a time: rank 0 holds the lock, every rank learns the outcome."""
-    from .files import LockHeld, exclusive_lock
+    from ssd.util.files import LockHeld, exclusive_lock
 
     with ExitStack() as stack:
         refusal = None

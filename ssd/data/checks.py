@@ -11,7 +11,6 @@ downstream DVC stages never see one.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,12 +19,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ssd.data import (DEFAULT_MAX_IMAGE_PIXELS, LABEL_COLUMNS, class_index, find_split, label_file, open_image,
+from ssd.data.dataset import (DEFAULT_MAX_IMAGE_PIXELS, LABEL_COLUMNS, class_index, find_split, label_file, open_image,
                       read_labels, read_rgb)
-from ssd.files import atomic_dir, atomic_write_json
-from ssd.layout import IMAGES_DIR, dataset_root
+from ssd.util.files import atomic_dir, atomic_write_json
+from ssd.data.layout import IMAGES_DIR, dataset_root
 
-PARAMS = ("data.classes", "data.image_size", "data.max_image_pixels", "data.strict")  # what the stage reads (dvc.yaml lists them)
 SPLITS = ("train", "val")
 REPORT, SAMPLES = "validation.json", "samples.png"
 COORDS = ("xmin", "ymin", "xmax", "ymax")
@@ -234,22 +232,3 @@ def run_validation(root: str | Path, out: str | Path, image_size: int, classes: 
         atomic_write_json(tmp / REPORT, report)
         grid.save(tmp / SAMPLES)
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ssd.cli import add_params_arguments
-
-    parser.add_argument("--data", default="data/raw", help="dataset folder (default: %(default)s)")
-    parser.add_argument("--out", default="data/reports", help="report folder (default: %(default)s)")
-    add_params_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from ssd.params import load_params, select_params
-
-    data = select_params(load_params(args.params, args.set), PARAMS)["data"]
-    report = run_validation(args.data, args.out, data["image_size"], data["classes"], data["strict"],
-                            data["max_image_pixels"])
-    counts = ", ".join(f"{s}: {v['images']} images / {v['label_rows']} boxes" for s, v in report["splits"].items())
-    print(f"{report['data']} is valid ({counts}); report in {Path(args.out) / REPORT}")
-    return 0

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, LABEL_HEADER, SPLIT_DIRS
+from ssd.data.layout import DATASET_DIR, IMAGES_DIR, LABEL_FILE, LABEL_HEADER, SPLIT_DIRS
 
 # Box statistics of the real archive (see README "Data"): sides in pixels, aspect = width / height.
 MIN_SIDE, MAX_SIDE = 32, 75

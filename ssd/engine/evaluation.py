@@ -17,7 +17,7 @@ Metrics (``reports/eval.json``, DVC metrics):
   column (``none``) those with no detection there; ``confused`` lists the off-diagonal pairs, most
   frequent first (lists, so ``dvc metrics show`` leaves them out);
 - ``class_err``, ``bbox_mae``: the seed's training metrics on the validation split;
-- ``provenance``: git commit and data hash/source (``ssd.tracking.provenance``), the training run's
+- ``provenance``: git commit and data hash/source (``ssd.mlops.tracking.provenance``), the training run's
   tags (computed now only for a model without a run).
 
 Pictures: ``reports/pr_curve.csv`` (DVC plot of precision against recall over score thresholds),
@@ -31,7 +31,6 @@ model that came from elsewhere.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -41,15 +40,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .anchors import multibox_target
-from .boxes import box_iou
-from .files import atomic_dir, atomic_save_figure, atomic_write_json, atomic_write_text
-from .layout import DATASET_DIR
-from .loss import bbox_eval, cls_eval
-from .model import as_input
-from .predict import decode_outputs
+from ssd.core.anchors import multibox_target
+from ssd.core.boxes import box_iou
+from ssd.util.files import atomic_dir, atomic_save_figure, atomic_write_json, atomic_write_text
+from ssd.core.loss import bbox_eval, cls_eval
+from ssd.core.model import as_input
+from ssd.engine.inference import decode_outputs
 
-PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels")  # what the stage reads (dvc.yaml lists them)
 MATCH_IOU = 0.5
 MAX_DETECTIONS = 100  # COCO's largest maxDets: more would not change mAP
 CURVE_THRESHOLDS = [i / 100 for i in range(101)]
@@ -360,7 +357,7 @@ class Scores:
 
 def load_validation(params: dict[str, Any], data_root: str | Path) -> Any:
     """The validation split of ``data_root`` as the evaluate stage reads it (``DetectionDataset``)."""
-    from .data import load_dataset
+    from ssd.data.dataset import load_dataset
 
     data_cfg = params["data"]
     dataset = load_dataset(data_root, "val", data_cfg["image_size"], data_cfg["classes"],
@@ -399,8 +396,8 @@ def score(net: torch.nn.Module, dataset: Any, params: dict[str, Any]) -> Scores:
 def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Path, reports: str | Path,
              run_file: str | Path) -> dict[str, Any]:
     """The whole stage: metrics, curve and pictures written under ``reports``, logged to MLflow."""
-    from .model import load_model
-    from .tracking import log_evaluation, provenance, run_provenance, training_run
+    from ssd.core.model import load_model
+    from ssd.mlops.tracking import log_evaluation, provenance, run_provenance, training_run
 
     run = training_run(run_file)  # first: an unreachable server fails the stage before any scoring
     # The model's provenance is its training run's (the same tags as on the run and the version);
@@ -429,28 +426,3 @@ def evaluate(params: dict[str, Any], model_path: str | Path, data_root: str | Pa
     if run:
         log_evaluation(run, {**metrics, **flat_per_class(metrics["per_class"])}, paths)
     return metrics
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_params_arguments
-
-    parser.add_argument("--model", default="models/model.pt", help="model file (default: %(default)s)")
-    parser.add_argument("--data", default=f"data/raw/{DATASET_DIR}", help="dataset root (default: %(default)s)")
-    parser.add_argument("--reports", default="reports", help="reports folder (default: %(default)s)")
-    parser.add_argument("--run-file", default="models/mlflow_run.json",
-                        help="the training's MLflow run (default: %(default)s)")
-    add_params_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from .params import load_params, select_params
-
-    params = select_params(load_params(args.params, args.set), PARAMS)
-    metrics = evaluate(params, args.model, args.data, args.reports, args.run_file)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
-                   if isinstance(v, (int, float))))
-    for name, values in metrics["per_class"].items():
-        print(f"  {name}: ap50={values['ap50']:.4g} ap={values['ap']:.4g} objects={values['num_objects']}")
-    for pair in metrics["confusion"]["confused"]:
-        print(f"  {pair['truth']} taken for {pair['predicted']}: {pair['count']} ({pair['fraction']:.0%})")
-    return 0

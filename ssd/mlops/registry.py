@@ -3,10 +3,10 @@
     ssd register             # log the pyfunc into the training's run, register a version, move aliases
     ssd promote --version N  # what a person does in the UI: point `champion` at version N
 
-``register`` logs ``ssd.pyfunc.TinySSDModel`` (``model.pt`` inside as an artifact, with a signature
+``register`` logs ``ssd.mlops.pyfunc.TinySSDModel`` (``model.pt`` inside as an artifact, with a signature
 and an input example) into the run named by ``models/mlflow_run.json``, registers it as a new
 version of ``registry.model_name`` tagged with its validation metrics and its training run's
-provenance (git commit, data hash and source: ``ssd.tracking.provenance``), and gives it the alias
+provenance (git commit, data hash and source: ``ssd.mlops.tracking.provenance``), and gives it the alias
 ``challenger``. ``champion`` moves to it only when :func:`decide_promotion` says so (no champion
 yet, or val mAP@0.5 better by at least ``registry.min_improvement``). The version's description
 states its metrics and that decision; ``reports/registration.json`` records the outcome.
@@ -15,38 +15,34 @@ Order, so that a failure moves nothing: everything the decision needs is read fi
 champion, an existing version); then the version is registered (or reused) and must load from the
 registry and predict one validation image (:func:`check_version`, tag ``load_check``); only then
 do ``challenger`` and ``champion`` move. Only MLflow's "does not exist" means "no champion" or "no
-such version"; any other error stops the stage: ``ssd.errors.TransientError`` (exit 75) for an
+such version"; any other error stops the stage: ``ssd.util.errors.TransientError`` (exit 75) for an
 unreachable or failing server (checked first, and MLflow's HTTP retries bounded:
-``ssd.tracking.client``), exit 1 for the rest.
+``ssd.mlops.tracking.client``), exit 1 for the rest.
 
 Running it twice is safe: a version already registered from the same run with the same weights
 (tags ``run_id`` and ``model_sha256``) is reused rather than duplicated.
 
 MLflow: the registry's operations (versions, aliases, tags, the logged model) live here, on the
-``MlflowClient`` from ``ssd.tracking.client``; ``log_model``/``register_model``/``load_model`` are
+``MlflowClient`` from ``ssd.mlops.tracking.client``; ``log_model``/``register_model``/``load_model`` are
 MLflow's module functions because the client has no equivalent.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import TransientError
-from .files import atomic_write_json, file_digest
-from .tracking import client as mlflow_client
-from .errors import is_transient
-from .tracking import is_missing, read_run_file, run_provenance, split_digest
+from ssd.util.errors import TransientError
+from ssd.util.files import atomic_write_json, file_digest
+from ssd.mlops.tracking import client as mlflow_client
+from ssd.util.errors import is_transient
+from ssd.mlops.tracking import is_missing, read_run_file, run_provenance, split_digest
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_50"           # the metric that decides promotion
 MODEL_ARTIFACT = "model"    # the logged model's name inside the run
-# What the register stage reads (dvc.yaml lists them): re-scoring a champion uses the evaluate settings.
-PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size",
-          "data.max_image_pixels", "data.classes")
 VAL_DIGEST = "val_digest"   # version tag: the validation split its val_* metrics were computed on
 LOAD_CHECK = "load_check"   # version tag: "passed", or "failed: <why>" (never champion then)
 
@@ -92,7 +88,7 @@ def log_pyfunc(run_id: str, model_path: str | Path, params: dict[str, Any]) -> s
     import torch
     import torchvision
 
-    from . import pyfunc as ssd_pyfunc
+    from ssd.mlops import pyfunc as ssd_pyfunc
 
     threshold = float(params["evaluate"]["threshold"])
     with mlflow.start_run(run_id=run_id):
@@ -136,8 +132,8 @@ def champion_of(client: Any, name: str) -> Any | None:
 
 def validation_split(data_dir: str | Path) -> Path:
     """The validation split folder under ``data_dir`` (``data/raw``, or a dataset root itself)."""
-    from .data import find_split
-    from .layout import dataset_root
+    from ssd.data.dataset import find_split
+    from ssd.data.layout import dataset_root
 
     return find_split(dataset_root(data_dir), "val")
 
@@ -154,9 +150,9 @@ def rescore_version(name: str, version: int | str, params: dict[str, Any], split
     import mlflow
     from mlflow.models import Model
 
-    from .evaluate import load_validation, score
-    from .model import load_model
-    from .pyfunc import WEIGHTS_ARTIFACT
+    from ssd.engine.evaluation import load_validation, score
+    from ssd.core.model import load_model
+    from ssd.mlops.pyfunc import WEIGHTS_ARTIFACT
 
     uri = f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory(prefix="ssd-rescore-") as tmp:
@@ -200,7 +196,7 @@ def check_version(client: Any, name: str, version: str, split_dir: str | Path) -
     import mlflow
     import pandas as pd
 
-    from .pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS, encode_image
+    from ssd.mlops.pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS, encode_image
 
     image = min((Path(split_dir) / "images").iterdir())
     uri = f"models:/{name}/{version}"
@@ -366,7 +362,7 @@ def register(params: dict[str, Any], model_path: str | Path = "models/model.pt",
 def promote(name: str, version: int | str, uri: str | None = None) -> dict[str, Any]:
     """Point ``champion`` at ``version`` of ``name``; ``ValueError`` naming the versions if it does not
     exist (MLflow's "does not exist"; any other error raises as it is)."""
-    from .tracking import tracking_uri
+    from ssd.mlops.tracking import tracking_uri
 
     uri = uri or tracking_uri()
     client = mlflow_client(uri)
@@ -383,40 +379,3 @@ def promote(name: str, version: int | str, uri: str | None = None) -> dict[str, 
     client.set_model_version_tag(name, str(version), "champion_reason", "promoted manually (ssd promote)")
     return {"model_name": name, "version": int(version), "alias": CHAMPION,
             "previous_champion": int(previous.version) if previous is not None else None}
-
-
-def add_register_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_params_arguments
-
-    parser.add_argument("--model", default="models/model.pt", help="model file (default: %(default)s)")
-    parser.add_argument("--eval", default="reports/eval.json", help="evaluation metrics (default: %(default)s)")
-    parser.add_argument("--run-file", default="models/mlflow_run.json",
-                        help="the training's MLflow run (default: %(default)s)")
-    parser.add_argument("--out", default="reports/registration.json", help="record (default: %(default)s)")
-    parser.add_argument("--data", default="data/raw", help="the data, for its validation split (default: %(default)s)")
-    add_params_arguments(parser)
-
-
-def register_main(args: argparse.Namespace) -> int:
-    from .params import load_params, select_params
-
-    params = select_params(load_params(args.params, args.set), PARAMS)
-    record = register(params, args.model, args.eval, args.run_file, args.out, args.data)
-    print(json.dumps(record, indent=2))
-    return 0
-
-
-def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_params_arguments
-
-    parser.add_argument("--version", required=True, type=int, help="registered version to make champion")
-    parser.add_argument("--name", default=None, help="registered model (default: params registry.model_name)")
-    add_params_arguments(parser)
-
-
-def promote_main(args: argparse.Namespace) -> int:
-    from .params import load_params
-
-    name = args.name or load_params(args.params, args.set)["registry"]["model_name"]
-    print(json.dumps(promote(name, args.version), indent=2))
-    return 0

@@ -3,7 +3,7 @@
 ``decode_outputs`` turns the net's outputs into detections (softmax, then the book's
 ``multibox_detection``); ``detect_raw`` runs the net on a uint8 batch first; ``detect`` adds the
 score threshold and the scaling back to original-image pixels. The ``ssd predict`` command, the
-MLflow pyfunc (``ssd.pyfunc``) and the evaluation (metrics and gallery) all go through these.
+MLflow pyfunc (``ssd.mlops.pyfunc``) and the evaluation (metrics and gallery) all go through these.
 
     ssd predict IMAGE_OR_FOLDER... [--model models:/tinyssd@champion | models/model.pt] [--threshold 0.9] [--out DIR]
 
@@ -16,11 +16,8 @@ command exits 1 at the end.
 """
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .anchors import multibox_detection
-from .model import as_input
-from .data import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, read_image, read_rgb, to_tensor
+from ssd.core.anchors import multibox_detection
+from ssd.core.model import as_input
+from ssd.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, read_image, read_rgb, to_tensor
 
 DEFAULT_MODEL = "models:/tinyssd@champion"
 PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white
@@ -52,7 +49,7 @@ def decode_outputs(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: t
     Returns ``B`` CPU tensors ``Tensor[K, 6]`` rows ``(class_id, score, x1, y1, x2, y2)``, boxes
     normalised to [0, 1], decreasing score, only the rows NMS kept (``class_id >= 0``), at most
     ``max_detections`` of them. ``per_class``: NMS within each class only (the book's is
-    class-agnostic), see :func:`ssd.anchors.multibox_detection`.
+    class-agnostic), see :func:`ssd.core.anchors.multibox_detection`.
     """
     cls_probs = F.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
     output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold, per_class=per_class)
@@ -90,7 +87,7 @@ def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int
     """Detections per image in original pixels.
 
     Args:
-        images: ``uint8 Tensor[N, 3, S, S]`` as :func:`ssd.data.read_image` gives them.
+        images: ``uint8 Tensor[N, 3, S, S]`` as :func:`ssd.data.dataset.read_image` gives them.
         sizes: the displayed ``(width, height)`` of each image.
         per_class: NMS within each class only (see :func:`decode_outputs`).
     """
@@ -105,7 +102,7 @@ def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int
 def read_images(sources: Sequence[str | Path | bytes], image_size: int,
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Files or encoded bytes (any size and mode) as ``uint8 Tensor[N, 3, S, S]`` and displayed sizes
-    (:func:`ssd.data.read_image`); the first that cannot be read raises, naming it (``image #i`` for bytes)."""
+    (:func:`ssd.data.dataset.read_image`); the first that cannot be read raises, naming it (``image #i`` for bytes)."""
     tensors, sizes = [], []
     for i, src in enumerate(sources):
         if isinstance(src, (bytes, bytearray)):
@@ -161,18 +158,18 @@ def load_detector(model: str | Path, image_size: int = 256, nms_threshold: float
     """A TinySSD from a model file or an MLflow model URI: ``(net, image_size, nms_threshold)``.
 
     A model file gets the ``image_size`` and ``nms_threshold`` passed in; an MLflow model
-    carries its own (``ssd.pyfunc``). The net is on ``device`` (default :func:`best_device`). A
+    carries its own (``ssd.mlops.pyfunc``). The net is on ``device`` (default :func:`best_device`). A
     missing file or model raises ``FileNotFoundError`` / ``RuntimeError`` naming it.
     """
     device = best_device(device)
     if not is_model_uri(model):
-        from .model import load_model
+        from ssd.core.model import load_model
 
         return load_model(model, map_location=device), image_size, nms_threshold
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .tracking import tracking_uri
+    from ssd.mlops.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     try:
@@ -196,7 +193,7 @@ def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODE
     images go through it ``batch_size`` at a time (only one batch of pictures is held).
     ``image_size`` and ``nms_threshold`` apply to a model file; an MLflow model brings its own.
     """
-    from .files import atomic_path
+    from ssd.util.files import atomic_path
 
     def refuse(message: str) -> None:
         if on_error is None:
@@ -234,42 +231,3 @@ def predict_files(images: Sequence[str | Path], model: str | Path = DEFAULT_MODE
                 result["annotated"] = str(Path(out) / f"{name}.png")
             results.append(result)
     return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_params_arguments
-
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files (any size, mode or format) or folders of them")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="MLflow model URI or a model.pt file (default: %(default)s)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="minimum score of a reported box (default: params evaluate.threshold)")
-    parser.add_argument("--out", default=None, help="folder for annotated images (default: none written)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_params_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from .params import load_params
-
-    params = load_params(args.params, args.set)
-    evaluate, data = params["evaluate"], params["data"]
-    threshold = args.threshold if args.threshold is not None else evaluate["threshold"]
-    failed: list[str] = []
-
-    def report(message: str) -> None:
-        failed.append(message)
-        print(f"ssd predict: skipped {message}", file=sys.stderr, flush=True)
-
-    results = predict_files(args.images, args.model, threshold, args.out,
-                            image_size=data["image_size"], nms_threshold=evaluate["nms_threshold"],
-                            max_pixels=data["max_image_pixels"], on_error=report, device=args.device,
-                            per_class=evaluate["nms"] == "per_class")
-    json.dump(results, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    if failed:
-        print(f"ssd predict: error: {len(failed)} input(s) skipped, {len(results)} image(s) predicted",
-              file=sys.stderr)
-        return 1
-    return 0

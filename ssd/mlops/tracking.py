@@ -9,7 +9,7 @@ This is the one module that talks to MLflow's tracking API: :func:`client` (ever
 ``MlflowClient``: a reachable server checked first, MLflow's HTTP retries bounded), the training's
 run (:class:`Tracker`, which owns its run: MLflow's fluent API, so the run carries MLflow's
 context tags and dataset inputs), the evaluation logged into that run (:func:`log_evaluation`),
-and what an MLflow error means (:func:`is_missing`; ``ssd.errors.is_transient``). ``ssd.registry`` keeps
+and what an MLflow error means (:func:`is_missing`; ``ssd.util.errors.is_transient``). ``ssd.mlops.registry`` keeps
 the registry's own operations (versions, aliases, the logged model), through :func:`client`.
 """
 from __future__ import annotations
@@ -22,11 +22,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import TransientError
-from .files import atomic_write_json, file_digest
+from ssd.util.errors import TransientError
+from ssd.data.layout import RUN_FILE
+from ssd.util.files import atomic_write_json, file_digest
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-RUN_FILE = Path("models/mlflow_run.json")
+EXPERIMENT = "tinyssd"  # the MLflow experiment training runs go to (`ssd train --experiment`)
 # MLflow's own HTTP retries, unless the environment sets them: its defaults (7 retries, backoff
 # factor 2, 120 s timeout) keep a failing server's stage silent for minutes. With these a request
 # that keeps failing gives up after about 3 s (retries after 0 s and 2 s, plus jitter); the flow
@@ -252,7 +253,7 @@ def log_dataset_inputs(dataset_root: str | Path) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    from .data import find_split
+    from ssd.data.dataset import find_split
 
     folder = data_folder(dataset_root)
     manifest = _manifest(folder)
@@ -261,7 +262,7 @@ def log_dataset_inputs(dataset_root: str | Path) -> None:
         source = HTTPDatasetSource(source_text)
     elif source_text.startswith("synthetic:"):
         settings = {k: str(v) for k, v in (manifest.get("synthetic") or {}).items()}
-        source = CodeDatasetSource({"generator": "ssd.synthetic", **settings})
+        source = CodeDatasetSource({"generator": "ssd.data.synthetic", **settings})
     else:
         source = LocalArtifactDatasetSource(source_text)
     hashes = dvc_md5(folder)

@@ -9,7 +9,7 @@ Over REST that is::
 
 Output: a DataFrame with one row per detection: ``image`` (the input row), ``class_id``,
 ``label``, ``score`` and ``xmin, ymin, xmax, ymax`` in pixels of the image as displayed (EXIF
-orientation applied; every stage reads images with ``ssd.data.read_image``). Images
+orientation applied; every stage reads images with ``ssd.data.dataset.read_image``). Images
 without a detection above the threshold have no row. Param ``threshold`` (default: the
 evaluation threshold the model was registered with) is the minimum score.
 
@@ -56,7 +56,7 @@ def _decode(value: Any, row: int) -> bytes:
 
 
 def detections_frame(results: list[list[dict[str, Any]]]) -> pd.DataFrame:
-    """Per-image detection dicts (``ssd.predict.detect``) as the flat output table."""
+    """Per-image detection dicts (``ssd.engine.inference.detect``) as the flat output table."""
     rows = [{"image": i, "class_id": d["class_id"], "label": d["label"], "score": d["score"],
              "xmin": d["box"][0], "ymin": d["box"][1], "xmax": d["box"][2], "ymax": d["box"][3]}
             for i, dets in enumerate(results) for d in dets]
@@ -69,11 +69,11 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     """Loads ``model.pt`` from the model's artifacts; settings come from the model config."""
 
     def load_context(self, context):  # noqa: ANN001
-        from ssd.data import DEFAULT_MAX_IMAGE_PIXELS
-        from ssd.model import load_model
-        from ssd.predict import best_device
+        from ssd.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+        from ssd.core.model import load_model
+        from ssd.engine.inference import best_device
 
-        config = context.model_config  # written by ssd.registry.log_pyfunc from the validated params
+        config = context.model_config  # written by ssd.mlops.registry.log_pyfunc from the validated params
         # "auto" (the registry's) picks the GPU when there is one; a load-time config may name a device.
         self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT], map_location=best_device(config.get("device")))
         self.image_size = int(config["image_size"])
@@ -87,7 +87,7 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     # class definition (every load), and that warning cannot be filtered from outside.
     def predict(self, context, model_input: pd.DataFrame,  # noqa: ANN001
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from ssd.predict import detect, read_images
+        from ssd.engine.inference import detect, read_images
 
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             raise ValueError(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded images")

@@ -1,0 +1,22 @@
+"""``ssd promote --version N``: point the ``champion`` alias at a registered version by hand."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ssd.mlops.registry import promote
+from ssd.stages.common import add_params_arguments, load
+
+PARAMS = ("registry.model_name",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", required=True, type=int, help="registered version to make champion")
+    parser.add_argument("--name", default=None, help="registered model (default: params registry.model_name)")
+    add_params_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    name = args.name or load(args, PARAMS)["registry"]["model_name"]
+    print(json.dumps(promote(name, args.version), indent=2))
+    return 0
