@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Iterable
 
-from ssd.util.params import DEFAULT_PARAMS, load_params, select_params
+from ssd.util.params import DEFAULT_PARAMS, load_params, load_settings, select_params
+from ssd.util.settings import Settings
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,3 +17,8 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
     """The params file named by ``args`` with its overrides, checked, narrowed to ``keys``."""
     return select_params(load_params(args.params, args.set), keys)
+
+
+def settings(args: argparse.Namespace, keys: Iterable[str]) -> Settings:
+    """The params file named by ``args`` with its overrides, as typed settings declaring only ``keys``."""
+    return load_settings(args.params, args.set, keys)

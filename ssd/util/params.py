@@ -1,132 +1,25 @@
-"""``params.yaml``: reading it, ``key.sub=value`` overrides (as ``dvc exp run -S``) and the one schema.
+"""``params.yaml``: reading it, ``key.sub=value`` overrides (as ``dvc exp run -S``) and checking it.
 
-``load_params`` returns params that passed :data:`SCHEMA` (every key present, none unknown, every
-value of its type and range), so stage code reads ``params["data"]["image_size"]`` with no default
-and no cast. A refusal is one line naming the origin, the key, the value and what is expected:
+``load_params`` returns params that passed :data:`SCHEMA` (``ssd.util.settings``: every key present,
+none unknown, every value of its type and range); :func:`load_settings` turns them into typed
+:class:`~ssd.util.settings.Settings`, narrowed to the keys a stage declares. A refusal is one line
+naming the origin, the key, the value and what is expected:
 
     params.yaml: train.epochs='abc': expected an integer >= 1
     -S train.epochs=1.5: expected an integer >= 1
-
-Adding a knob: its value (and comment) in ``params.yaml``, plus one line in :data:`SCHEMA`. The
-defaults live in ``params.yaml`` only.
-
-A stage declares the keys it reads (``PARAMS`` in its module, compared with ``dvc.yaml`` by
-``tests/test_dvc_deps.py``) and sees only those (:func:`select_params`), so an undeclared read
-fails in the tests instead of leaving a stale DVC stage.
 """
 from __future__ import annotations
 
 import copy
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
 
+from ssd.util.settings import SCHEMA, Settings
+
 DEFAULT_PARAMS = Path("params.yaml")
-
-
-@dataclass(frozen=True)
-class Check:
-    """What one key accepts: ``ok(value)`` and the phrase for the error, "expected <expected>"."""
-
-    expected: str
-    ok: Callable[[Any], bool]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def integer(lo: int) -> Check:
-    return Check(f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo)
-
-
-def number(lo: float, hi: float | None = None, *, open_lo: bool = False) -> Check:
-    """A finite int or float in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
-    low = f"> {lo}" if open_lo else f">= {lo}"
-    text = f"a number {low}" + (f" and <= {hi}" if hi is not None else "")
-    return Check(text, lambda v: _is_number(v) and (v > lo if open_lo else v >= lo) and (hi is None or v <= hi))
-
-
-def boolean() -> Check:
-    return Check("true or false", lambda v: isinstance(v, bool))
-
-
-def one_of(*values: str) -> Check:
-    return Check(f"one of {', '.join(values)}", lambda v: v in values)
-
-
-def text(pattern: str = r".+", what: str = "a non-empty string", *, null: bool = False) -> Check:
-    return Check(what + (" (or null)" if null else ""),
-                 lambda v: (null and v is None) or (isinstance(v, str) and re.fullmatch(pattern, v) is not None))
-
-
-def names() -> Check:
-    return Check("a non-empty list of distinct non-empty names",
-                 lambda v: isinstance(v, list) and len(v) > 0 and len(set(map(str, v))) == len(v)
-                 and all(isinstance(n, str) and n.strip() for n in v))
-
-
-def positive_numbers(hi: float | None = None) -> Check:
-    """A non-empty list of numbers in ``(0, hi]``."""
-    item = number(0, hi, open_lo=True)
-    return Check("a non-empty list of numbers each " + item.expected.removeprefix("a number "),
-                 lambda v: isinstance(v, list) and len(v) > 0 and all(map(item.ok, v)))
-
-
-def anchor_sizes(scales: int) -> Check:
-    """``scales`` lists of equally many sizes in ``(0, 1]`` (fractions of the image side)."""
-    row = positive_numbers(1)
-    return Check(f"{scales} lists (one per scale) of equally many numbers each > 0 and <= 1",
-                 lambda v: isinstance(v, list) and len(v) == scales and all(map(row.ok, v))
-                 and len({len(s) for s in v}) == 1)
-
-
-# One line per key: the dotted key and what it accepts. Comments on the values live in params.yaml.
-SCHEMA: dict[str, Check] = {
-    "base.seed": integer(0),
-    "data.source": text(),              # auto | d2l | synthetic | a URL | a zip path
-    "data.url": text(r"https?://\S+", "an http(s) URL", null=True),
-    "data.sha1": text(r"[0-9a-fA-F]{40}", "40 hex digits", null=True),
-    "data.classes": names(),
-    "data.image_size": integer(32),     # TinySSD halves the image 5 times before its last scale
-    "data.strict": boolean(),
-    "data.max_image_pixels": integer(1),
-    "data.synthetic.seed": integer(0),
-    "data.synthetic.train": integer(1),
-    "data.synthetic.val": integer(1),
-    "data.synthetic.max_objects": integer(1),
-    "data.synthetic.classes": names(),
-    "model.sizes": anchor_sizes(5),      # TinySSD's five scales
-    "model.ratios": positive_numbers(),
-    "train.epochs": integer(1),
-    "train.batch_size": integer(1),
-    "train.lr": number(0, open_lo=True),
-    "train.weight_decay": number(0),
-    "train.momentum": number(0, 1),
-    "train.nproc": integer(1),
-    "train.precision": one_of("auto", "fp32", "bf16", "fp16"),
-    "train.channels_last": boolean(),
-    "train.compile": boolean(),
-    "train.deterministic": boolean(),
-    "train.num_workers": integer(0),
-    "train.augment": boolean(),
-    "train.lr_schedule": one_of("constant", "cosine"),
-    "train.warmup_epochs": number(0),       # at most train.epochs: checked by the train stage
-    "evaluate.nms_threshold": number(0, 1),
-    "evaluate.nms": one_of("agnostic", "per_class"),
-    "evaluate.threshold": number(0, 1),
-    "evaluate.gallery_images": integer(0),
-    "registry.model_name": text(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "a model name (letters, digits, _ . -)"),
-    "registry.min_improvement": number(0),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,6 +127,14 @@ def check_params(params: dict[str, Any], source: str = str(DEFAULT_PARAMS),
 
     walk(params, "")
     return params
+
+
+def load_settings(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None,
+                  keys: Iterable[str] | None = None) -> Settings:
+    """:func:`load_params` as typed settings; with ``keys`` (a stage's ``PARAMS``), every other key is
+    undeclared (reading it raises ``AttributeError``)."""
+    params = load_params(path, overrides)
+    return Settings.from_params(params if keys is None else select_params(params, keys))
 
 
 def select_params(params: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
