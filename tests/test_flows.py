@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from flows import retrain as rt
+from flows.stage_runner import StageFailed
 from project_copy import copy_project
 from servers import dead_port
 
@@ -252,7 +253,7 @@ def test_stage_failure_is_transient_exactly_when_its_command_exited_75(tmp_path)
     assert info.value.exit_status == 75
     # A missing zip is refused input: exit 1, not transient.
     rt.write_params(project / "params.yaml", ['data.source="/nonexistent/x.zip"'])
-    with pytest.raises(rt.StageFailed, match=r"stage 'fetch' failed: .*nonexistent") as info:
+    with pytest.raises(StageFailed, match=r"stage 'fetch' failed: .*nonexistent") as info:
         rt.run_stage("fetch", project, log=lambda line: None)
     assert not isinstance(info.value, rt.TransientStageFailure) and info.value.exit_status == 1
 
@@ -326,7 +327,7 @@ def test_failed_stage_fails_flow_naming_it(prefect_api, archive_server, tmp_path
     project = make_project(tmp_path)
     state = run_flow(project_dir=str(project), overrides=TINY, source=archive_server.url("/corrupt.zip"))
     assert state.is_failed()
-    with pytest.raises(rt.StageFailed, match=r"stage 'validate' failed: (.|\n)*label.csv row 4: .*xmin"):
+    with pytest.raises(StageFailed, match=r"stage 'validate' failed: (.|\n)*label.csv row 4: .*xmin"):
         state.result()
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["fetch"].state.is_completed() and runs["validate"].state.is_failed()
@@ -338,7 +339,7 @@ def test_permanent_fetch_error_is_not_retried(prefect_api, archive_server, tmp_p
     archive_server.log.clear()
     state = run_flow(project_dir=str(project), overrides=TINY, source=archive_server.url("/missing.zip"))
     assert state.is_failed()
-    with pytest.raises(rt.StageFailed, match=r"stage 'fetch' failed: (.|\n)*HTTP 404"):
+    with pytest.raises(StageFailed, match=r"stage 'fetch' failed: (.|\n)*HTTP 404"):
         state.result()
     assert archive_server.log == [("/missing.zip", 404)]  # one request: neither ssd fetch nor Prefect retried
     assert task_runs(state.state_details.flow_run_id)["fetch"].run_count == 1
@@ -372,7 +373,7 @@ def test_task_retries_on_exit_75_and_only_then(prefect_api, archive_server, tmp_
     archive_server.log.clear()
     state = _fetch_only(make_project(tmp_path / "missing"), archive_server.url("/missing.zip"))
     assert state.is_failed()
-    with pytest.raises(rt.StageFailed, match="HTTP 404") as info:
+    with pytest.raises(StageFailed, match="HTTP 404") as info:
         state.result()
     assert info.value.exit_status == 1 and archive_server.log == [("/missing.zip", 404)]
     assert task_runs(state.state_details.flow_run_id)["fetch"].run_count == 1

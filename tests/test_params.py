@@ -201,3 +201,31 @@ class TestCli:
         assert run.returncode == 1
         assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
         assert run.stderr.startswith(f"ssd {stage}: error: params.yaml:")
+
+
+class TestBounds:
+    def test_an_alias_bomb_is_refused_in_one_line_under_a_memory_limit(self, tmp_path):
+        # 4 KB of nested aliases expands to ~10^12 list items if constructed; refused before that.
+        lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+        lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 12)]
+        bomb = tmp_path / "params.yaml"
+        bomb.write_text(PROJECT_PARAMS.read_text().replace("classes: [banana]        #",
+                                                           "classes: *a11        #", 1) + "\n".join(lines) + "\n")
+        # the loader alone (torch's libraries alone map more address space than this limit allows)
+        code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20)); "
+                "from ssd.util.params import load_params\n"
+                "try: load_params(sys.argv[1])\nexcept ValueError as e: sys.exit(str(e))")
+        run = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and re.fullmatch(
+            rf"{re.escape(str(bomb))}:\d+:\d+: not valid YAML: alias \*a\d+ refused \(params take no aliases\)",
+            run.stderr.strip()), run.stderr
+
+    def test_an_alias_in_an_override_is_refused(self, params_file):
+        with pytest.raises(ValueError, match=r"alias \*x refused"):
+            load_params(params_file, ["data.classes=*x"])
+
+    def test_a_huge_params_file_is_refused_before_parsing(self, params_file):
+        params_file.write_text(params_file.read_text() + "#" * (1 << 20) + "\n")
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(params_file))}: \d+ bytes: a params file is at most "
+                                             r"1048576 bytes$"):
+            load_params(params_file)

@@ -25,8 +25,19 @@ DEFAULT_PARAMS = Path("params.yaml")
 # ----------------------------------------------------------------------------------------------
 # YAML
 
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; a larger one is not a params file
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader that also reads ``1e-3`` as a float (YAML 1.2, as DVC reads it)."""
+    """PyYAML's safe loader that also reads ``1e-3`` as a float (YAML 1.2, as DVC reads it) and
+    refuses aliases: params need none, and nested aliases expand a few KB into gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} refused (params take no aliases)",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
@@ -62,6 +73,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path} (run from the project root or pass --params)")
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ValueError(f"{path}: {size} bytes: a params file is at most {MAX_PARAMS_BYTES} bytes")
     params = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")

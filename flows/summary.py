@@ -1,0 +1,72 @@
+"""The flow run's summary: the reports the stages wrote, as one markdown artifact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flows.stage_runner import RAN
+from ssd.data.layout import EVAL_FILE, REGISTRATION_FILE, TRAIN_METRICS
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect_results(project_dir: str | Path) -> dict[str, Any]:
+    """The reports the stages wrote: train and eval metrics, the registration record."""
+    project = Path(project_dir)
+    return {"train": _read_json(project / TRAIN_METRICS), "eval": _read_json(project / EVAL_FILE),
+            "registration": _read_json(project / REGISTRATION_FILE)}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _gate_line(gate: dict[str, Any] | None) -> str | None:
+    """The champion comparison of a registration record, both figures on the same validation split."""
+    if not gate:
+        return None
+    digest = str(gate.get("val_digest", "?"))
+    line = (f"**Champion gate** on validation split `{digest[:20]}…`: candidate map_50 "
+            f"{_fmt(gate.get('candidate_map_50'))} vs champion version {gate.get('champion_version')} "
+            f"{_fmt(gate.get('champion_map_50'))}")
+    stored, stored_digest = gate.get("champion_stored_map_50"), gate.get("champion_stored_val_digest")
+    if gate.get("rescored"):
+        return line + (f", re-scored on this split (its stored map_50 {_fmt(stored)} was computed on "
+                       + (f"`{str(stored_digest)[:20]}…`)" if stored_digest else "an unrecorded split)"))
+    return line + " (its stored map_50, computed on this same split)"
+
+
+def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
+                     data: dict[str, Any] | None = None) -> str:
+    """The run's markdown artifact: whether the data was fetched again and why (``data``, from
+    ``ssd.data.fetch.fetch_reason``), stages, metrics table, model version and champion decision."""
+    reg = results.get("registration") or {}
+    if outcomes.get("register") == RAN and reg.get("decision") == "promoted":
+        standing = "**became champion**"
+    else:  # not promoted now, or registration skipped (unchanged): what the last registration recorded
+        standing = "**is champion**" if "champion" in (reg.get("aliases") or []) else "**not champion**"
+    lines = ["# TinySSD retraining", ""]
+    if data:
+        fetched = "fetched again" if data.get("fetched") else "not fetched again"
+        lines += [f"**Data** {fetched}: {data.get('reason')}", ""]
+    if reg:
+        lines += [f"**Model** `{reg.get('model_name', '?')}` version **{reg.get('version', '?')}** "
+                  f"(`{reg.get('model_uri', '')}`): {standing}"
+                  + f" ({reg.get('decision', '?')}: {reg.get('reason', '')}); aliases: "
+                  + (", ".join(reg.get("aliases") or []) or "none")
+                  + f"; current champion: version {reg.get('champion_version')}", ""]
+        gate = _gate_line(reg.get("gate")) if outcomes.get("register") == RAN else None
+        lines += [gate, ""] if gate else []
+    lines += ["| stage | result |", "|---|---|"] + [f"| {s} | {o} |" for s, o in outcomes.items()] + [""]
+    rows = [(split, key, value) for split in ("train", "eval")
+            for key, value in sorted((results.get(split) or {}).items()) if isinstance(value, (int, float))]
+    if rows:
+        lines += ["| report | metric | value |", "|---|---|---|"]
+        files = {"train": TRAIN_METRICS, "eval": EVAL_FILE}
+        lines += [f"| {files[split].as_posix()} | {key} | {_fmt(value)} |" for split, key, value in rows]
+        lines += [""]
+    lines.append("Params overridden for this run: " + (", ".join(f"`{c}`" for c in params_changed) or "none"))
+    return "\n".join(lines) + "\n"
