@@ -8,7 +8,7 @@ exactly the commands of ``dvc.yaml``: an unchanged stage is skipped, ``dvc.lock`
 stage logic lives here. The fetch task runs ``dvc repro fetch``: fetch together with the always-run
 ``source`` stage before it, which rewrites the source's fingerprint only when the data changed
 upstream, so fetch (and what depends on the data) reruns exactly then. The run summary says whether
-the data was fetched again and why (``ssd.data.fetch.fetch_reason``). The stage's stdout and stderr are
+the data was fetched again and why (``ssd.data.source.fetch_reason``). The stage's stdout and stderr are
 streamed into the task's Prefect log line by line; a stage that fails raises ``StageFailed`` naming
 the stage and the last lines of its stderr (``TransientStageFailure`` when its command exited 75).
 
@@ -42,8 +42,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
-from ssd.data.fetch import fetch_reason, fetched_fingerprint, read_fingerprint
-from ssd.data.layout import SOURCE_FILE
+from ssd.data.layout import RAW_DIR, SOURCE_FILE
+from ssd.data.source import fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.util.errors import EXIT_STATUS_ENV, EXIT_TEMPFAIL
 from ssd.util.files import atomic_write_text
 from ssd.util.params import apply_overrides, check_params, parse_yaml
@@ -53,7 +53,6 @@ STAGES = ("fetch", "validate", "train", "evaluate", "register")
 # Stages reproduced together with their upstream stages: fetch's only one is `source`, the always-run
 # fingerprint of the data source, which must run right before it and inside the same retried task.
 WITH_UPSTREAM = {"fetch"}
-RAW_DIR = "data/raw"               # the fetch stage's output (dvc.yaml)
 FLOW_NAME = "tinyssd-retrain"
 DEPLOYMENT_NAME = "weekly-retrain"
 WEEKLY_CRON = "0 3 * * 1"          # Mondays 03:00
@@ -285,7 +284,7 @@ def _gate_line(gate: dict[str, Any] | None) -> str | None:
 def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
                      data: dict[str, Any] | None = None) -> str:
     """The run's markdown artifact: whether the data was fetched again and why (``data``, from
-    ``ssd.data.fetch.fetch_reason``), stages, metrics table, model version and champion decision."""
+    ``ssd.data.source.fetch_reason``), stages, metrics table, model version and champion decision."""
     reg = results.get("registration") or {}
     if outcomes.get("register") == "ran" and reg.get("decision") == "promoted":
         standing = "**became champion**"
