@@ -23,18 +23,20 @@ import pytest
 import torch
 
 from archive_helpers import closed_port_url, good_zip
-from ssd.data.fetch import (check_source, describe_change, fetch, fetch_reason, fetched_fingerprint, read_fingerprint,
-                       source_fingerprint)
+from ssd.data.fetch import fetch
+from ssd.data.source import (check_source, describe_change, fetch_reason, fetched_fingerprint, read_fingerprint,
+                             source_fingerprint)
 from ssd.data.synthetic import generate_archive
+from ssd.util.settings import DataSettings, Settings
 from test_flows import TINY, make_project, prefect_api  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def params(**data) -> dict:
+def params(**data) -> DataSettings:
     base = {"source": "auto", "url": "http://unused.invalid/x.zip", "sha1": None, "image_size": 150,
             "classes": ["banana"], "synthetic": {"seed": 0, "train": 4, "val": 2}}
-    return {"data": {**base, **data}}
+    return Settings.from_params({"data": {**base, **data}}).data
 
 
 class ArchiveServer:
@@ -146,7 +148,7 @@ def test_synthetic_and_offline_auto_fingerprints_are_stable(tmp_path):
     started = time.monotonic()
     unreachable = source_fingerprint("auto", offline)
     assert time.monotonic() - started < 5  # a refused connection is not retried
-    assert unreachable["kind"] == "unreachable" and unreachable["synthetic"] == offline["data"]["synthetic"]
+    assert unreachable["kind"] == "unreachable" and unreachable["synthetic"] == offline.synthetic.as_dict()
     assert source_fingerprint("auto", offline) == unreachable
     # check_source writes the file once; an unchanged check leaves it (and its mtime) alone.
     out = tmp_path / "source.json"
@@ -209,7 +211,7 @@ def test_fetch_records_the_fingerprint_and_refuses_an_archive_changed_since(zips
     assert fetched_fingerprint(tmp_path / "raw") == fingerprint  # the previous data is kept
     # A check that reached the d2l URL forbids the synthetic fallback when fetch cannot reach it.
     offline = params(url=closed_port_url())
-    reached = {"source": "auto", "kind": "d2l", "url": offline["data"]["url"], "etag": '"x"'}
+    reached = {"source": "auto", "kind": "d2l", "url": offline.url, "etag": '"x"'}
     with pytest.raises(RuntimeError, match="cannot reach"):
         fetch("auto", None, tmp_path / "raw2", offline, progress=False, fingerprint=reached)
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from ssd.core.anchors import multibox_detection
 from ssd.core.model import as_input
-from ssd.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, read_image, read_rgb, to_tensor
+from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, read_image, read_rgb, to_tensor
 
 DEFAULT_MODEL = "models:/tinyssd@champion"
 PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white

@@ -301,7 +301,7 @@ def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: s
 
 
 CODE_MODULES = ("ssd.engine.loop", "ssd.core.model", "ssd.core.anchors", "ssd.core.boxes", "ssd.core.loss",
-                "ssd.data.dataset", "ssd.core.augment", "ssd.core.schedule")
+                "ssd.data.dataset", "ssd.data.images", "ssd.data.labels", "ssd.core.augment", "ssd.core.schedule")
 
 
 def code_fingerprint() -> str:

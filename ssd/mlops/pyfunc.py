@@ -69,7 +69,7 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     """Loads ``model.pt`` from the model's artifacts; settings come from the model config."""
 
     def load_context(self, context):  # noqa: ANN001
-        from ssd.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+        from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS
         from ssd.core.model import load_model
         from ssd.engine.inference import best_device
 

@@ -132,7 +132,7 @@ def champion_of(client: Any, name: str) -> Any | None:
 
 def validation_split(data_dir: str | Path) -> Path:
     """The validation split folder under ``data_dir`` (``data/raw``, or a dataset root itself)."""
-    from ssd.data.dataset import find_split
+    from ssd.data.labels import find_split
     from ssd.data.layout import dataset_root
 
     return find_split(dataset_root(data_dir), "val")

@@ -253,7 +253,7 @@ def log_dataset_inputs(dataset_root: str | Path) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    from ssd.data.dataset import find_split
+    from ssd.data.labels import find_split
 
     folder = data_folder(dataset_root)
     manifest = _manifest(folder)
