@@ -42,7 +42,7 @@ def _gate_line(gate: dict[str, Any] | None) -> str | None:
 def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
                      data: dict[str, Any] | None = None) -> str:
     """The run's markdown artifact: whether the data was fetched again and why (``data``, from
-    ``ssd.data.fetch.fetch_reason``), stages, metrics table, model version and champion decision."""
+    ``ssd.data.source.fetch_reason``), stages, metrics table, model version and champion decision."""
     reg = results.get("registration") or {}
     if outcomes.get("register") == RAN and reg.get("decision") == "promoted":
         standing = "**became champion**"
