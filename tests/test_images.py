@@ -20,7 +20,7 @@ from PIL import Image
 from ssd.cli import main as cli_main
 from ssd.data.dataset import ImageTooLarge, load_dataset, read_image, read_labels, read_rgb
 from ssd.core.model import TinySSD, save_model
-from ssd.engine.inference import predict_files
+from ssd.engine.prediction import predict_files
 from ssd.data.checks import run_validation
 from tiny_data import write_split
 
