@@ -22,7 +22,7 @@ from ssd.data.dataset import load_dataset
 from ssd.data.images import ImageTooLarge, read_image, read_rgb
 from ssd.data.labels import read_labels
 from ssd.core.model import TinySSD, save_model
-from ssd.engine.inference import predict_files
+from ssd.engine.prediction import predict_files
 from ssd.data.checks import run_validation
 from tiny_data import write_split
 

@@ -378,7 +378,8 @@ class Progress:
 
 def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo, uri: str) -> dict[str, Any]:
     """The whole stage, tracked in MLflow at ``uri`` (rank 0); returns the final metrics (on every rank)."""
-    from ssd.mlops.tracking import Tracker, provenance, run_name
+    from ssd.mlops.provenance import provenance
+    from ssd.mlops.tracking import Tracker, run_name
 
     setup = build(params, args.data, info)
     progress = resume(setup, params, args)
