@@ -19,7 +19,8 @@ from ssd.data.layout import (CHECKPOINT_DIR, DATASET_ROOT, MODEL_FILE, RUN_FILE,
 from ssd.engine import distributed as dist
 from ssd.engine.loop import TrainPaths, finish, fit, resume, workspace_lock
 from ssd.engine.setup import build, run_tags
-from ssd.mlops.tracking import EXPERIMENT, Tracker, ensure_reachable, provenance, run_name, tracking_uri
+from ssd.mlops.provenance import provenance
+from ssd.mlops.tracking import EXPERIMENT, Tracker, ensure_reachable, run_name, tracking_uri
 from ssd.stages import common
 from ssd.util.settings import Settings
 
