@@ -160,7 +160,7 @@ def test_step_hooks_see_every_step_until_removed(tmp_path, monkeypatch, mlflow_s
 
 def test_code_fingerprint_covers_the_training_code():
     from ssd.engine.checkpoint import CODE_MODULES
-    from test_dvc_deps import code_deps
+    from code_graph import code_deps
 
     training = {p for p in code_deps("ssd.engine.loop") if p.startswith(("ssd/core/", "ssd/engine/"))}
     covered = {name.replace(".", "/") + ".py" for name in CODE_MODULES}
