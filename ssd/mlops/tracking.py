@@ -234,6 +234,18 @@ class Tracker:
             mlflow.log_artifact(str(Path(tmp) / "last.pt"), artifact_path="checkpoints")
         mlflow.set_tag("checkpoint_epoch", str(epoch))
 
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """Log the epochs of ``history`` (a resumed checkpoint's) that the run lacks: a run stopped
+        between saving a checkpoint and logging its epoch would otherwise miss that epoch."""
+        if not (self.active and history):
+            return
+        import mlflow
+
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, "loss")}
+        for row in history:
+            if int(row["epoch"]) not in logged:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active:
             import mlflow
