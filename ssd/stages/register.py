@@ -155,7 +155,7 @@ def _decide(before: _Before, champion: Any | None, version_no: str, candidate: f
     """The champion decision for ``version_no`` against ``champion`` and the figures it compared
     (None: no comparison)."""
     if champion is not None and str(champion.version) == version_no:
-        return Decision(False, f"version {version_no} is already the champion"), None
+        return Decision(False, f"version {version_no} is already the {CHAMPION}"), None
     # Raises when the champion cannot be re-scored: no comparison, so no promotion.
     gate = champion_gate(before.name, champion, candidate, before.val_digest, before.split_dir, data,
                          evaluate) if champion else None
