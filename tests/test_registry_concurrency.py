@@ -134,6 +134,35 @@ def test_a_model_without_a_champion_crowns_its_next_good_version(mlflow_server, 
     assert json.loads(good["out"].read_text())["decision"] == "promoted"
 
 
+def test_a_champion_moved_by_hand_meanwhile_is_decided_against(mlflow_server, tmp_path):
+    """The decision is made against the champion the registry has when the alias moves: one moved
+    by a person (no lock) after `ssd register` read it is read again, and the decision redone."""
+    import mlflow
+
+    from ssd.mlops.registry import model_config
+    from ssd.stages import register as stage
+    from ssd.util.params import load_settings
+
+    name = "tinyssd-moved-meanwhile"
+    assert _register_cli(_training_run(tmp_path / "a", mlflow_server, seed=0, map_50=0.5), name) == 0
+    assert _register_cli(_training_run(tmp_path / "b", mlflow_server, seed=1, map_50=0.3), name) == 0
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+    read_earlier = client.get_model_version(name, "1")  # the champion as the stage read it
+    client.set_registered_model_alias(name, "champion", "2")  # then a person crowns version 2 in the UI
+
+    settings = load_settings(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={name}"])
+    run = _training_run(tmp_path / "c", mlflow_server, seed=2, map_50=0.4)
+    before = stage._read_before(settings.registry, run["model_path"], run["eval_file"], run["run_file"],
+                                run["data_dir"])
+    with registry_lock(client, name) as lease:
+        config = model_config(settings.data, settings.evaluate)
+        version = stage._register_or_reuse(before, None, run["model_path"], config)
+        decision, gate = stage._decide_and_move(before, lease, read_earlier, str(version.version), 0.4,
+                                                settings.data, settings.evaluate)
+    assert decision.promote and gate["champion_version"] == 2, decision.reason  # 0.4 beats 0.3, not 0.5
+    assert client.get_model_version_by_alias(name, "champion").version == str(version.version) == "3"
+
+
 # ----------------------------------------------------------------------------------------------
 # The lock itself.
 
