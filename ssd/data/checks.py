@@ -90,7 +90,7 @@ def _row_problems(row: Any, values: list[float], where: str, image_dir: Path, fi
     name = row.img_name
     try:
         if image_file(image_dir, name, where) and name not in files:
-            shown = name if len(name) <= 100 else shorten(name, 100)  # a name is a cell: quoted, never whole
+            shown = name if len(name) <= 120 else shorten(name)  # a cell is quoted, never whole
             bad.append(f"image {image_dir / shown} does not exist")
     except ValueError as exc:  # empty, or outside images/
         bad.append(str(exc).removeprefix(f"{where}: "))

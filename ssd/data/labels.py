@@ -60,7 +60,7 @@ class LabelLimits:
         return cls(data.max_boxes_per_image, data.max_label_line_bytes, data.max_label_rows)
 
 
-def shorten(value: object, width: int = 40) -> str:
+def shorten(value: object, width: int = 120) -> str:
     """``repr(value)``, cut to about ``width`` characters: a message quotes a cell, never a whole line."""
     text = repr(value)
     return text if len(text) <= width else f"{text[:width - 12]}...({len(text)} chars)"
