@@ -14,15 +14,16 @@ any stale report, so downstream DVC stages never see one.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
 from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS, open_image, read_rgb
-from ssd.data.labels import (LabelLimits, class_index, crowded_images, find_split, image_file, label_file,
+from ssd.data.labels import (LabelLimits, class_index, crowded_images, find_split, label_file, name_problem,
                              read_labels, shorten)
 from ssd.data.layout import IMAGES_DIR, LABEL_COLUMNS, dataset_root
 from ssd.util.files import atomic_dir, atomic_write_json
@@ -33,7 +34,28 @@ COORDS = ("xmin", "ymin", "xmax", "ymax")
 LISTED_PROBLEMS = 50  # a million bad rows are summarised, not printed
 
 
-def _decode_images(image_dir: Path, image_size: int | None, problems: list[str],
+class Problems:
+    """The problems found so far: all counted, the first :data:`LISTED_PROBLEMS` kept (a million bad
+    rows must not hold a million messages)."""
+
+    def __init__(self) -> None:
+        self.listed: list[str] = []
+        self.count = 0
+
+    def append(self, problem: str) -> None:
+        self.count += 1
+        if len(self.listed) < LISTED_PROBLEMS:
+            self.listed.append(problem)
+
+    def extend(self, problems: Iterable[str]) -> None:
+        for problem in problems:
+            self.append(problem)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _decode_images(image_dir: Path, image_size: int | None, problems: Problems,
                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, tuple[int, int]]:
     """Decode every file in ``image_dir`` as the reader does; returns ``{name: (width, height)}``
     of the readable ones, the size as displayed (EXIF orientation applied): boxes are checked against it.
@@ -86,14 +108,12 @@ def _row_problems(row: Any, values: list[float], where: str, image_dir: Path, fi
                   sizes: dict[str, tuple[int, int]], image_size: int,
                   classes: Sequence[str]) -> tuple[list[str], int | None]:
     """Everything wrong with one label row (all of it, not the first), and its class index."""
-    bad = []
     name = row.img_name
-    try:
-        if image_file(image_dir, name, where) and name not in files:
-            shown = name if len(name) <= 120 else shorten(name)  # a cell is quoted, never whole
-            bad.append(f"image {image_dir / shown} does not exist")
-    except ValueError as exc:  # empty, or outside images/
-        bad.append(str(exc).removeprefix(f"{where}: "))
+    problem = name_problem(name, image_dir)
+    bad = [problem] if problem else []
+    if not problem and name not in files:
+        shown = name if len(name) <= 120 else shorten(name)  # a cell is quoted, never whole
+        bad.append(f"image {image_dir}{os.sep}{shown} does not exist")
     cls = None
     try:
         cls = class_index(row.label, classes, where)
@@ -104,22 +124,29 @@ def _row_problems(row: Any, values: list[float], where: str, image_dir: Path, fi
     return bad + _box_problems(row, values, size), cls
 
 
+def _first_equal_rows(table: pd.DataFrame) -> np.ndarray:
+    """For each row, the index of the first row equal to it as text (itself when it is the first)."""
+    if table.empty:
+        return np.zeros(0, dtype=np.int64)
+    text = table.astype(str)
+    group = text.groupby(list(text.columns), sort=False, dropna=False).ngroup().to_numpy()
+    _, first = np.unique(group, return_index=True)  # groups are numbered in order of first appearance
+    return first[group]
+
+
 def _check_rows(table: pd.DataFrame, labels_path: Path, image_dir: Path, files: set[str],
                 sizes: dict[str, tuple[int, int]], image_size: int, classes: Sequence[str],
-                problems: list[str]) -> dict[str, list[Box]]:
+                problems: Problems) -> dict[str, list[Box]]:
     """Check every label row, appending to ``problems``; returns the good boxes per image."""
-    numbers = {c: pd.to_numeric(table[c], errors="coerce") for c in COORDS}
-    duplicated = table.astype(str).duplicated(keep="first")
-    first_seen: dict[tuple, int] = {}
+    numbers = np.stack([pd.to_numeric(table[c], errors="coerce").to_numpy(np.float64) for c in COORDS], axis=1)
+    first_of = _first_equal_rows(table)
     boxes: dict[str, list[Box]] = {}
     for i, row in enumerate(table.itertuples(index=False)):
         where = f"{labels_path} row {i + 2}"  # the line in the csv: the header is line 1
-        key = tuple(str(v) for v in row)
-        if duplicated.iloc[i]:
-            problems.append(f"{where}: duplicate of row {first_seen[key]}")
+        if first_of[i] != i:
+            problems.append(f"{where}: duplicate of row {first_of[i] + 2}")
             continue
-        first_seen[key] = i + 2
-        values = [numbers[c].iloc[i] for c in COORDS]
+        values = list(numbers[i])
         bad, cls = _row_problems(row, values, where, image_dir, files, sizes, image_size, classes)
         if bad:
             problems.append(f"{where}: {'; '.join(bad)}")
@@ -147,7 +174,7 @@ def _split_stats(files: set[str], table: pd.DataFrame, boxes: dict[str, list[Box
     }
 
 
-def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str],
+def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: Problems,
                 strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                 limits: LabelLimits = LabelLimits()) -> tuple[dict[str, Any], dict[str, list[Box]]]:
     """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
@@ -197,11 +224,11 @@ def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str],
     return grid
 
 
-def summary(root: Path, problems: list[str]) -> str:
+def summary(root: Path, problems: Problems) -> str:
     """``N problem(s) in ROOT:`` and the first :data:`LISTED_PROBLEMS` problems, one per line, then how
     many more there are."""
-    more = len(problems) - LISTED_PROBLEMS
-    return (f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems[:LISTED_PROBLEMS])
+    more = len(problems) - len(problems.listed)
+    return (f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems.listed)
             + (f"\n  ... and {more} more problems" if more > 0 else ""))
 
 
@@ -217,7 +244,7 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
     """
     root = dataset_root(root)
     classes = list(classes)
-    problems: list[str] = []
+    problems = Problems()
     report: dict[str, Any] = {"data": str(root), "image_size": image_size, "classes": classes, "splits": {}}
     grid = None
     for split in SPLITS:

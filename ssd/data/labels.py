@@ -151,14 +151,23 @@ def box_values(row: object, where: str) -> list[float]:
     return values
 
 
-def image_file(image_dir: Path, name: object, where: str) -> Path:
-    """The image an ``img_name`` cell names in ``image_dir``; ``ValueError`` naming the row for an empty
-    name or one naming a path outside ``image_dir`` (absolute, or with a ``..`` part)."""
+def name_problem(name: object, image_dir: Path) -> str | None:
+    """What is wrong with an ``img_name`` cell before the file is looked for: empty, or naming a path
+    outside ``image_dir`` (absolute, or with a ``..`` part); None when nothing is."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{where}: empty img_name")
+        return "empty img_name"
     if outside_images(name):
-        raise ValueError(f"{where}: img_name {shorten(name)} names a path outside {image_dir} (absolute or "
-                         f"with '..'); an img_name is a file in the split's {IMAGES_DIR}/ folder")
+        return (f"img_name {shorten(name)} names a path outside {image_dir} (absolute or with '..'); "
+                f"an img_name is a file in the split's {IMAGES_DIR}/ folder")
+    return None
+
+
+def image_file(image_dir: Path, name: object, where: str) -> Path:
+    """The image an ``img_name`` cell names in ``image_dir``; ``ValueError`` ``"<where>: <problem>"``
+    for a :func:`name_problem`."""
+    problem = name_problem(name, image_dir)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     return image_dir / name
 
 
