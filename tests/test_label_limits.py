@@ -110,7 +110,7 @@ def long_line_dataset(tmp_path: Path, megabytes: int) -> Path:
 def test_a_200mb_line_is_refused_in_one_short_line_without_reading_it(tmp_path):
     data = long_line_dataset(tmp_path, 200)
     labels = data / "train" / "label.csv"
-    expected = f"{labels} line 2: longer than data.max_label_line_bytes = 1024 bytes"
+    expected = f"{labels} line 2: longer than data.max_label_line_bytes = 512 bytes"
     result = bounded(data, "validate", "reader")
     for call in ("validate", "reader"):  # before: 2.4 GB of RSS and a 200 MB message
         assert expected in result[call]["error"] and len(result[call]["error"]) < 1000, result

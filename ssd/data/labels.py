@@ -11,11 +11,12 @@ refused in one line after reading at most one line's limit past the last good ro
 """
 from __future__ import annotations
 
+import codecs
 import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, BinaryIO, Sequence
 
 import pandas as pd
 
@@ -51,7 +52,7 @@ def label_file(split_dir: Path) -> Path:
 class LabelLimits:
     """What a label file may hold; the defaults are ``params.yaml``'s (a test compares them)."""
     max_boxes_per_image: int = 1000      # data.max_boxes_per_image
-    max_label_line_bytes: int = 1024     # data.max_label_line_bytes
+    max_label_line_bytes: int = 512      # data.max_label_line_bytes
     max_label_rows: int = 1_000_000      # data.max_label_rows (the header aside)
 
     @classmethod
@@ -66,56 +67,79 @@ def shorten(value: object, width: int = 120) -> str:
     return text if len(text) <= width else f"{text[:width - 12]}...({len(text)} chars)"
 
 
-def read_bounded(path: Path, limits: LabelLimits, chunk: int = 1 << 20) -> bytes:
-    """The bytes of a label file, read in chunks; ``ValueError`` at the first line longer than
-    ``max_label_line_bytes`` or once there are more than ``max_label_rows`` lines after the header
-    (blank ones included). Memory: the file up to that point plus one chunk."""
-    parts, lines, line_bytes = [], 0, 0  # lines ended so far; bytes of the line being read
+class _Upto(io.RawIOBase):
+    """The first ``size`` bytes of an open file: pandas parses what was measured, however it grows."""
 
-    def count_line() -> None:
-        nonlocal lines, line_bytes
-        lines, line_bytes = lines + 1, 0
-        if lines > limits.max_label_rows + 1:
-            raise ValueError(f"{path}: more than data.max_label_rows = {limits.max_label_rows} rows")
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.left = f, size
 
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            start = 0
-            while start < len(block):
-                end = block.find(b"\n", start)
-                line_bytes += (len(block) if end < 0 else end) - start
-                if line_bytes > limits.max_label_line_bytes:
-                    raise ValueError(f"{path} line {lines + 1}: longer than data.max_label_line_bytes = "
-                                     f"{limits.max_label_line_bytes} bytes (a row is {','.join(LABEL_COLUMNS)})")
-                if end < 0:
-                    break
-                count_line()
-                start = end + 1
-            parts.append(block)
-    if line_bytes:  # a last line without a newline
-        count_line()
-    return b"".join(parts)
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.f.readinto(memoryview(buffer)[:self.left]) or 0
+        self.left -= n
+        return n
+
+
+def _scan(f: BinaryIO, path: Path, limits: LabelLimits, chunk: int = 1 << 20) -> tuple[int, bool]:
+    """Read an open label file to its end a chunk at a time, keeping nothing; ``ValueError`` at the first
+    byte that is not UTF-8, the first line longer than ``max_label_line_bytes``, or once there are more
+    than ``max_label_rows`` lines after the header (blank ones too). Returns its size and whether it
+    holds anything but whitespace (and a BOM)."""
+    decoder, size, text = codecs.getincrementaldecoder("utf-8")(), 0, False
+    lines, line_bytes = 0, 0  # lines ended so far; bytes of the line being read
+    while True:
+        block, pending = f.read(chunk), decoder.getstate()[0]  # pending: a character cut by the last chunk
+        try:
+            decoder.decode(block, final=not block)
+        except UnicodeDecodeError as exc:
+            at = exc.start - len(pending)  # in this block; < 0: in the pending bytes (the same line)
+            line = lines + 1 + (block.count(b"\n", 0, at) if at > 0 else 0)
+            raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{(pending + block)[exc.start]:02x}); "
+                             f"save the file as UTF-8 CSV") from None
+        if not block:
+            break
+        text = text or bool((block.removeprefix(codecs.BOM_UTF8) if not size else block).strip())
+        size, start = size + len(block), 0
+        while start < len(block):
+            end = block.find(b"\n", start)
+            line_bytes += (len(block) if end < 0 else end) - start
+            if line_bytes > limits.max_label_line_bytes:
+                raise ValueError(f"{path} line {lines + 1}: longer than data.max_label_line_bytes = "
+                                 f"{limits.max_label_line_bytes} bytes (a row is {','.join(LABEL_COLUMNS)})")
+            if end < 0:
+                break
+            lines, line_bytes, start = lines + 1, 0, end + 1
+            _check_rows(path, lines, limits)
+    _check_rows(path, lines + (line_bytes > 0), limits)  # a last line without a newline
+    return size, text
+
+
+def _check_rows(path: Path, lines: int, limits: LabelLimits) -> None:
+    if lines > limits.max_label_rows + 1:  # the header is not a row
+        raise ValueError(f"{path}: more than data.max_label_rows = {limits.max_label_rows} rows")
 
 
 def read_labels(path: str | Path, limits: LabelLimits = LabelLimits()) -> pd.DataFrame:
     """The label table; every problem (missing, empty, not UTF-8, malformed CSV, missing column, over a
-    limit) is a one-line error naming the file, and the line where it is known."""
+    limit) is a one-line error naming the file, and the line where it is known.
+
+    The file is measured (:func:`_scan`) before pandas parses it, from the same open file: memory is
+    one chunk until the file is known to be within ``limits``, then pandas' table."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label file not found: {path}")
-    data = read_bounded(path, limits)
-    try:
-        text = data.decode("utf-8-sig")  # a BOM, as spreadsheet programs write, is not part of the header
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
-                         f"save the file as UTF-8 CSV") from None
-    if not text.strip():
-        raise ValueError(f"{path}: empty file (expected the header {','.join(LABEL_COLUMNS)} and one row per box)")
-    try:
-        table = pd.read_csv(io.StringIO(text), dtype={LABEL_COLUMNS[0]: str, LABEL_COLUMNS[1]: str})
-    except (pd.errors.ParserError, ValueError) as exc:  # e.g. "Expected 6 fields in line 3, saw 7"
-        raise ValueError(f"{path}: malformed CSV ({' '.join(str(exc).split())[:200]})") from None
+    with open(path, "rb") as f:
+        size, text = _scan(f, path, limits)
+        if not text:
+            raise ValueError(f"{path}: empty file (expected the header {','.join(LABEL_COLUMNS)} and one row per box)")
+        f.seek(0)
+        try:
+            table = pd.read_csv(io.BufferedReader(_Upto(f, size)), encoding="utf-8-sig",  # a BOM, as spreadsheets
+                                dtype={LABEL_COLUMNS[0]: str, LABEL_COLUMNS[1]: str})  # write, is no header
+        except (pd.errors.ParserError, ValueError) as exc:  # e.g. "Expected 6 fields in line 3, saw 7"
+            raise ValueError(f"{path}: malformed CSV ({' '.join(str(exc).split())[:200]})") from None
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (header must be {','.join(LABEL_COLUMNS)})")
