@@ -50,8 +50,7 @@ def copy_folder(root: Path, dest: Path) -> int:
     Every symlink in ``root`` must resolve inside it (``ValueError`` naming the first that does not,
     before anything is copied); a link inside is copied as the plain file it points to."""
     root = Path(os.path.realpath(root))
-    for _ in source_files(root):  # the whole folder, before a byte is copied
-        pass
+    list(source_files(root))  # the whole folder is checked before a byte is copied
     files = 0
     for split, src in folder_splits(root).items():
         name = SPLIT_DIRS[split]

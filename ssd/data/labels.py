@@ -5,9 +5,9 @@ the header ``img_name,label,xmin,ymin,xmax,ymax``: one row per box, pixel corner
 ``label`` a class index or a class name, boxes in the displayed frame of the image (EXIF orientation
 applied, as viewers and annotation tools show it).
 
-A label file is bounded (:class:`LabelLimits`, the ``data.max_*`` params) before pandas sees it:
-its lines are measured while it is read in chunks, so a 200 MB line or a file of a billion rows is
-refused in one line after reading at most one line's limit past the last good row.
+A label file is bounded (:class:`LabelLimits`: ``data.max_label_line_bytes``, ``data.max_label_rows``,
+``data.max_boxes_per_image``) before pandas sees it: its lines are measured while it is read in
+chunks, so a 200 MB line or a file of a billion rows is refused in one line, holding one chunk.
 """
 from __future__ import annotations
 
