@@ -196,3 +196,16 @@ def test_one_changed_digit_in_a_label_file_changes_the_recorded_data_hash(tmp_pa
         hashes.append(provenance(root, cwd=tmp_path)["data_hash"])
     assert labels.stat().st_size == before.st_size
     assert len(set(hashes)) == 3 and all(h.startswith("dvc-md5:") for h in hashes)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 20])
+def test_the_measuring_read_finds_bad_utf8_wherever_the_chunks_cut(chunk, tmp_path):
+    path = tmp_path / "label.csv"
+    good = (HEADER + "épée.png,0,1,1,5,5\n€😀.png,0,1,1,5,5\n").encode()
+    path.write_bytes(good)
+    limits = label_files.LabelLimits()
+    with open(path, "rb") as f:
+        assert label_files._scan(f, path, limits, chunk) == (len(good), True)
+    path.write_bytes(good + "d\xe9j\xe0.png,0,1,1,5,5\n".encode("latin-1"))
+    with open(path, "rb") as f, pytest.raises(ValueError, match=r"label\.csv line 4: not UTF-8 text \(byte 0xe9\)"):
+        label_files._scan(f, path, limits, chunk)
