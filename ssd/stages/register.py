@@ -45,7 +45,7 @@ from ssd.util.files import atomic_write_json, file_digest
 from ssd.util.settings import DataSettings, EvaluateSettings, RegistrySettings, Settings
 
 PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size",
-          "data.max_image_pixels", "data.classes")
+          "data.max_image_pixels", "data.classes", "data.max_boxes_per_image", "data.max_label_line_bytes", "data.max_label_rows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from ssd.data.source import check_source
 from ssd.util.settings import DataSettings, Settings
 from tiny_data import write_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def data_settings(source: str) -> DataSettings:

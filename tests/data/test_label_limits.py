@@ -29,7 +29,7 @@ from ssd.mlops.provenance import provenance
 from ssd.util.settings import Settings
 from tiny_data import write_dataset, write_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = "img_name,label,xmin,ymin,xmax,ymax\n"
 
 # Run in a subprocess: import the data floor, then measure (and cap) what one call adds.
