@@ -1,5 +1,6 @@
 """Shared test setup: keep torch to the machine's two cores and make every test hermetic."""
 import os
+import sys
 
 import pytest
 import torch
@@ -21,6 +22,19 @@ def pytest_collection_modifyitems(items):
 def _no_ambient_tracking(monkeypatch):
     # Tests that need MLflow start their own server or store; never the user's.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def pytest_runtest_setup(item):
+    """Each test starts with MLflow pointing nowhere. ``mlflow.set_tracking_uri`` (and the registry's)
+    also exports ``MLFLOW_TRACKING_URI``: a test that pointed MLflow at its server would otherwise send
+    every later subprocess there, module-scoped fixtures included (they are set up before the
+    function-scoped fixture above runs)."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")
