@@ -288,7 +288,7 @@ def bench_predict(sizes: dict[str, Any], device: torch.device, model: Path | Non
     import torchvision
 
     from ssd.core.model import TinySSD, load_model, save_model
-    from ssd.engine.inference import predict_files
+    from ssd.engine.prediction import predict_files
 
     from . import seed as book
 

@@ -39,7 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def train_and_score(root: Path, *, image_size: int, epochs: int, precision: str, channels_last: bool,
                     seed: int = 0, nudge: bool = False) -> dict[str, Any]:
     from ssd.data.dataset import load_dataset, make_loader
-    from ssd.engine.evaluation import MAX_DETECTIONS, coco_map, run_model
+    from ssd.engine.evaluation import run_model
+    from ssd.engine.metrics import MAX_DETECTIONS, coco_map
     from ssd.core.model import TinySSD
     from ssd.engine.loop import AUTOCAST_DTYPES, resolve_precision, train_one_epoch
 

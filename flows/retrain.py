@@ -8,7 +8,7 @@ so the flow executes exactly the commands of ``dvc.yaml``: an unchanged stage is
 stays true, and no stage logic lives here. The fetch task runs the always-run ``source`` stage first,
 which rewrites the source's fingerprint only when the data changed upstream, so fetch (and what
 depends on the data) reruns exactly then. The run summary says whether
-the data was fetched again and why (``ssd.data.fetch.fetch_reason``). The stage's stdout and stderr are
+the data was fetched again and why (``ssd.data.source.fetch_reason``). The stage's stdout and stderr are
 streamed into the task's Prefect log line by line; a stage that fails raises ``StageFailed`` naming
 the stage and the last lines of its stderr (``TransientStageFailure`` when its command exited 75).
 
@@ -39,7 +39,7 @@ from prefect.tasks import exponential_backoff
 from flows.params_file import flow_overrides, write_params
 from flows.stage_runner import TransientStageFailure, run_stage
 from flows.summary import collect_results, summary_markdown
-from ssd.data.fetch import fetch_reason, fetched_fingerprint, read_fingerprint
+from ssd.data.source import fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.data.layout import RAW_DIR, SOURCE_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -64,14 +64,15 @@ def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = 
     to ``log``; returns :data:`RAN`, :data:`RESTORED` or :data:`SKIPPED` for ``stage`` itself.
 
     Raises ``TransientStageFailure`` when a stage fails and its command exited 75, else
-    ``StageFailed``, with the last lines of stderr.
+    ``StageFailed`` naming ``stage`` (also for an upstream stage's failure: it is part of this one's
+    task), with the last lines of stderr.
     """
     for upstream in UPSTREAM.get(stage, ()):
-        _run_one(upstream, Path(project_dir), log)
-    return _run_one(stage, Path(project_dir), log)
+        _run_one(upstream, Path(project_dir), log, label=stage)
+    return _run_one(stage, Path(project_dir), log, label=stage)
 
 
-def _run_one(stage: str, project: Path, log: Callable[[str], None]) -> str:
+def _run_one(stage: str, project: Path, log: Callable[[str], None], label: str) -> str:
     before = _lock_entry(project, stage)
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with tempfile.TemporaryDirectory(prefix="ssd-stage-") as tmp:
@@ -80,7 +81,7 @@ def _run_one(stage: str, project: Path, log: Callable[[str], None]) -> str:
         status = _read_status(status_file)
     if returncode != 0:
         tail = "\n".join(tails["stderr"] or tails["stdout"]) or f"exit status {returncode}"
-        raise (TransientStageFailure if status == EXIT_TEMPFAIL else StageFailed)(stage, tail, status)
+        raise (TransientStageFailure if status == EXIT_TEMPFAIL else StageFailed)(label, tail, status)
     if status is not None:
         return RAN
     return RESTORED if _lock_entry(project, stage) != before else SKIPPED

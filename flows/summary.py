@@ -7,6 +7,7 @@ from typing import Any
 
 from flows.stage_runner import RAN
 from ssd.data.layout import EVAL_FILE, REGISTRATION_FILE, TRAIN_METRICS
+from ssd.mlops.records import CHAMPION, GATE, METRIC, PROMOTED, RECORD
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -28,37 +29,42 @@ def _gate_line(gate: dict[str, Any] | None) -> str | None:
     """The champion comparison of a registration record, both figures on the same validation split."""
     if not gate:
         return None
-    digest = str(gate.get("val_digest", "?"))
-    line = (f"**Champion gate** on validation split `{digest[:20]}…`: candidate map_50 "
-            f"{_fmt(gate.get('candidate_map_50'))} vs champion version {gate.get('champion_version')} "
-            f"{_fmt(gate.get('champion_map_50'))}")
-    stored, stored_digest = gate.get("champion_stored_map_50"), gate.get("champion_stored_val_digest")
-    if gate.get("rescored"):
-        return line + (f", re-scored on this split (its stored map_50 {_fmt(stored)} was computed on "
+    digest = str(gate.get(GATE.val_digest, "?"))
+    line = (f"**Champion gate** on validation split `{digest[:20]}…`: candidate {METRIC} "
+            f"{_fmt(gate.get(GATE.candidate_map_50))} vs champion version {gate.get(GATE.champion_version)} "
+            f"{_fmt(gate.get(GATE.champion_map_50))}")
+    stored, stored_digest = gate.get(GATE.champion_stored_map_50), gate.get(GATE.champion_stored_val_digest)
+    if gate.get(GATE.rescored):
+        return line + (f", re-scored on this split (its stored {METRIC} {_fmt(stored)} was computed on "
                        + (f"`{str(stored_digest)[:20]}…`)" if stored_digest else "an unrecorded split)"))
-    return line + " (its stored map_50, computed on this same split)"
+    return line + f" (its stored {METRIC}, computed on this same split)"
+
+
+def _model_line(reg: dict[str, Any], registered_now: bool) -> str:
+    if registered_now and reg.get(RECORD.decision) == PROMOTED:
+        standing = "**became champion**"
+    else:  # not promoted now, or registration skipped (unchanged): what the last registration recorded
+        standing = "**is champion**" if CHAMPION in (reg.get(RECORD.aliases) or []) else "**not champion**"
+    return (f"**Model** `{reg.get(RECORD.model_name, '?')}` version **{reg.get(RECORD.version, '?')}** "
+            f"(`{reg.get(RECORD.model_uri, '')}`): {standing}"
+            f" ({reg.get(RECORD.decision, '?')}: {reg.get(RECORD.reason, '')}); aliases: "
+            + (", ".join(reg.get(RECORD.aliases) or []) or "none")
+            + f"; current champion: version {reg.get(RECORD.champion_version)}")
 
 
 def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
                      data: dict[str, Any] | None = None) -> str:
     """The run's markdown artifact: whether the data was fetched again and why (``data``, from
-    ``ssd.data.fetch.fetch_reason``), stages, metrics table, model version and champion decision."""
+    ``ssd.data.source.fetch_reason``), stages, metrics table, model version and champion decision."""
     reg = results.get("registration") or {}
-    if outcomes.get("register") == RAN and reg.get("decision") == "promoted":
-        standing = "**became champion**"
-    else:  # not promoted now, or registration skipped (unchanged): what the last registration recorded
-        standing = "**is champion**" if "champion" in (reg.get("aliases") or []) else "**not champion**"
+    registered_now = outcomes.get("register") == RAN
     lines = ["# TinySSD retraining", ""]
     if data:
         fetched = "fetched again" if data.get("fetched") else "not fetched again"
         lines += [f"**Data** {fetched}: {data.get('reason')}", ""]
     if reg:
-        lines += [f"**Model** `{reg.get('model_name', '?')}` version **{reg.get('version', '?')}** "
-                  f"(`{reg.get('model_uri', '')}`): {standing}"
-                  + f" ({reg.get('decision', '?')}: {reg.get('reason', '')}); aliases: "
-                  + (", ".join(reg.get("aliases") or []) or "none")
-                  + f"; current champion: version {reg.get('champion_version')}", ""]
-        gate = _gate_line(reg.get("gate")) if outcomes.get("register") == RAN else None
+        lines += [_model_line(reg, registered_now), ""]
+        gate = _gate_line(reg.get(RECORD.gate)) if registered_now else None
         lines += [gate, ""] if gate else []
     lines += ["| stage | result |", "|---|---|"] + [f"| {s} | {o} |" for s, o in outcomes.items()] + [""]
     rows = [(split, key, value) for split in ("train", "eval")

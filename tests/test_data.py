@@ -5,7 +5,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from ssd.data.dataset import DetectionDataset, load_dataset, make_loader, read_labels, read_split
+from ssd.data.dataset import DetectionDataset, load_dataset, make_loader, read_split
+from ssd.data.labels import read_labels
 
 S = 32  # image_size the tests read at
 HEADER = "img_name,label,xmin,ymin,xmax,ymax\n"

@@ -10,11 +10,14 @@ from PIL import Image, ImageDraw
 
 from ssd.cli import main as cli_main
 from ssd.core.anchors import multibox_detection
-from ssd.engine.evaluation import (confusion_matrix, confusion_summary, detection_metrics, evaluate, flat_per_class,
-                          gallery_indices, match_detections, per_class_ap, precision_recall)
 from ssd.core.model import TinySSD, save_model
-from ssd.util.params import load_params
-from ssd.mlops.tracking import PROVENANCE_KEYS, write_run_file
+from ssd.engine.figures import gallery_indices
+from ssd.engine.metrics import (confusion_matrix, confusion_summary, detection_metrics, flat_per_class, match_detections,
+                                per_class_ap, precision_recall)
+from ssd.mlops.provenance import PROVENANCE_KEYS
+from ssd.mlops.tracking import write_run_file
+from ssd.stages.evaluate import evaluate
+from ssd.util.params import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,12 +190,12 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(stage_inpu
     run_file = tmp_path / "mlflow_run.json"
     write_run_file(run.info.run_id, mlflow_server, run_file)
     reports = tmp_path / "reports"
-    params = load_params(ROOT / "params.yaml", ["data.image_size=64", "evaluate.gallery_images=5"])
+    settings = load_settings(ROOT / "params.yaml", ["data.image_size=64", "evaluate.gallery_images=5"])
 
-    metrics = evaluate(params, stage_inputs / "model.pt", stage_inputs / "data", reports, run_file)
+    metrics = evaluate(settings, stage_inputs / "model.pt", stage_inputs / "data", reports, run_file)
 
     saved = json.loads((reports / "eval.json").read_text())
-    assert set(saved.pop("provenance")) == set(PROVENANCE_KEYS)  # ssd.mlops.tracking.provenance, tested there
+    assert set(saved.pop("provenance")) == set(PROVENANCE_KEYS)  # ssd.mlops.provenance.provenance, tested there
     assert saved == metrics  # JSON floats round-trip exactly
     assert saved["per_class"]["banana"]["ap50"] == pytest.approx(saved["map_50"])  # one class: its AP is the mAP
     for key in ("map_50", "map", "precision", "recall", "class_err", "bbox_mae"):
@@ -265,10 +268,10 @@ def test_evaluate_on_a_generated_two_class_dataset(tmp_path):
     (data,) = (tmp_path / "data").iterdir()
     torch.manual_seed(0)
     save_model(TinySSD(2, classes=classes), tmp_path / "model.pt")
-    params = load_params(ROOT / "params.yaml", ["data.image_size=64", "data.classes=[banana, apple]",
-                                                "evaluate.gallery_images=2", "evaluate.nms=per_class"])
+    settings = load_settings(ROOT / "params.yaml", ["data.image_size=64", "data.classes=[banana, apple]",
+                                                    "evaluate.gallery_images=2", "evaluate.nms=per_class"])
 
-    metrics = evaluate(params, tmp_path / "model.pt", data, tmp_path / "reports", tmp_path / "none.json")
+    metrics = evaluate(settings, tmp_path / "model.pt", data, tmp_path / "reports", tmp_path / "none.json")
 
     saved = json.loads((tmp_path / "reports" / "eval.json").read_text())
     assert set(saved["per_class"]) == set(classes)
@@ -280,7 +283,7 @@ def test_evaluate_on_a_generated_two_class_dataset(tmp_path):
     assert [sum(row) for row in matrix] == [saved["per_class"][c]["num_objects"] for c in classes]
     assert metrics["per_class"] == saved["per_class"]
     # The gallery's two images hold both classes, though the first two images of the split may not.
-    dataset = load_validation(params, data)
+    dataset = load_validation(settings.data, data)
     shown = dataset.labels[gallery_indices(dataset.labels, 2, 2)]
     assert {0.0, 1.0} <= set(shown[..., 0].reshape(-1).tolist())
     assert {p.name for p in (tmp_path / "reports" / "pictures").iterdir()} == {"pr_curve.png", "gallery.png",

@@ -13,13 +13,15 @@ import pytest
 
 from archive_helpers import (TINY, closed_port_url, good_zip, layout_members, serve, sha1_of, tree_hash,
                              zip_with)
-from ssd.data.fetch import download, fetch
+from ssd.data.download import download
+from ssd.data.fetch import fetch
+from ssd.util.settings import DataSettings, Settings
 
 
-def params(**data) -> dict:
+def data_settings(**data) -> DataSettings:
     base = {"source": "auto", "url": "http://unused.invalid/x.zip", "sha1": "0" * 40, "image_size": 256,
             "classes": ["banana"], "synthetic": dict(TINY)}
-    return {"data": {**base, **data}}
+    return Settings.from_params({"data": {**base, **data}}).data
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def assert_layout(out: Path, train: int = 8, val: int = 4) -> None:
 def test_http_download_is_verified_extracted_and_recorded(good, tmp_path):
     out = tmp_path / "data" / "raw"
     with serve(good.parent) as base:
-        manifest = fetch(f"{base}/{good.name}", sha1_of(good), out, params(), progress=False)
+        manifest = fetch(f"{base}/{good.name}", sha1_of(good), out, data_settings(), progress=False)
     assert_layout(out)
     assert manifest["resolved_source"] == "url" and manifest["verified"] and not manifest["synthetic_fallback"]
     assert manifest["sha1"] == sha1_of(good)
@@ -49,21 +51,21 @@ def test_http_download_is_verified_extracted_and_recorded(good, tmp_path):
 
 def test_d2l_source_takes_url_and_sha1_from_params(good, tmp_path):
     with serve(good.parent) as base:
-        manifest = fetch("d2l", None, tmp_path / "raw", params(url=f"{base}/{good.name}", sha1=sha1_of(good)),
+        manifest = fetch("d2l", None, tmp_path / "raw", data_settings(url=f"{base}/{good.name}", sha1=sha1_of(good)),
                          progress=False)
     assert manifest["resolved_source"] == "d2l" and manifest["expected_sha1"] == sha1_of(good)
     assert_layout(tmp_path / "raw")
 
 
 def test_zip_path_without_sha1_records_computed_sha1(good, tmp_path):
-    manifest = fetch(str(good), None, tmp_path / "raw", params(), progress=False)
+    manifest = fetch(str(good), None, tmp_path / "raw", data_settings(), progress=False)
     assert manifest["resolved_source"] == "file" and not manifest["verified"]
     assert manifest["sha1"] == sha1_of(good) and manifest["expected_sha1"] is None
 
 
 def test_auto_falls_back_to_synthetic_when_network_unreachable(tmp_path, capsys):
     start = time.monotonic()
-    manifest = fetch("auto", None, tmp_path / "raw", params(url=closed_port_url()), progress=False)
+    manifest = fetch("auto", None, tmp_path / "raw", data_settings(url=closed_port_url()), progress=False)
     assert time.monotonic() - start < 10  # a refused connection is not retried
     assert manifest["synthetic_fallback"] and manifest["resolved_source"] == "synthetic"
     assert "cannot reach" in manifest["fallback_reason"]
@@ -74,9 +76,9 @@ def test_auto_falls_back_to_synthetic_when_network_unreachable(tmp_path, capsys)
 
 
 def test_synthetic_source_is_deterministic(tmp_path):
-    a = fetch("synthetic", None, tmp_path / "a", params(), progress=False)
-    b = fetch("synthetic", None, tmp_path / "b", params(), progress=False)
-    c = fetch("synthetic", None, tmp_path / "c", params(synthetic={**TINY, "seed": 1}), progress=False)
+    a = fetch("synthetic", None, tmp_path / "a", data_settings(), progress=False)
+    b = fetch("synthetic", None, tmp_path / "b", data_settings(), progress=False)
+    c = fetch("synthetic", None, tmp_path / "c", data_settings(synthetic={**TINY, "seed": 1}), progress=False)
     assert a["sha1"] == b["sha1"] != c["sha1"]
     assert not a["synthetic_fallback"] and a["resolved_source"] == "synthetic"
     assert tree_hash(tmp_path / "a" / "banana-detection") == tree_hash(tmp_path / "b" / "banana-detection")
@@ -117,11 +119,11 @@ REFUSALS = {
 @pytest.mark.parametrize("kind", list(REFUSALS))
 def test_refusals_keep_previous_data(kind, good, tmp_path):
     out = tmp_path / "data" / "raw"
-    fetch(str(good), None, out, params(), progress=False)
+    fetch(str(good), None, out, data_settings(), progress=False)
     before = tree_hash(out)
     source, sha1 = _bad_archive(kind, tmp_path, good)
     with pytest.raises(ValueError, match=REFUSALS[kind]):
-        fetch(source, sha1, out, params(), progress=False)
+        fetch(source, sha1, out, data_settings(), progress=False)
     assert tree_hash(out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["raw"]
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
@@ -131,21 +133,21 @@ def test_refusals_keep_previous_data(kind, good, tmp_path):
 def test_refusal_with_no_previous_data_leaves_nothing(tmp_path):
     bad = zip_with(tmp_path / "z.zip", layout_members() + [("../evil.txt", b"x")])
     with pytest.raises(ValueError, match="unsafe"):
-        fetch(str(bad), None, tmp_path / "data" / "raw", params(), progress=False)
+        fetch(str(bad), None, tmp_path / "data" / "raw", data_settings(), progress=False)
     assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_checksum_mismatch_in_auto_is_an_error_not_a_fallback(good, tmp_path):
     with serve(good.parent) as base:
         with pytest.raises(ValueError, match="SHA-1 mismatch"):
-            fetch("auto", None, tmp_path / "raw", params(url=f"{base}/{good.name}", sha1="a" * 40), progress=False)
+            fetch("auto", None, tmp_path / "raw", data_settings(url=f"{base}/{good.name}", sha1="a" * 40), progress=False)
     assert not (tmp_path / "raw").exists()
 
 
 def test_http_error_is_not_a_fallback(good, tmp_path):
     with serve(good.parent) as base:
         with pytest.raises(RuntimeError, match="HTTP 404"):
-            fetch("auto", None, tmp_path / "raw", params(url=f"{base}/missing.zip"), progress=False)
+            fetch("auto", None, tmp_path / "raw", data_settings(url=f"{base}/missing.zip"), progress=False)
 
 
 def test_transient_server_errors_are_retried(good, tmp_path):

@@ -15,17 +15,20 @@ from pathlib import Path
 import pytest
 
 from archive_helpers import TINY, good_zip, tree_hash
-from ssd.data.fetch import _host, _process_start, check_source, fetch, remove_leftovers, work_prefix
 from ssd.data.checks import run_validation
+from ssd.data.fetch import fetch
+from ssd.data.source import check_source
+from ssd.data.workdir import _host, _process_start, remove_leftovers, work_prefix
+from ssd.util.settings import DataSettings, Settings
 from tiny_data import write_dataset, write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def params(**data) -> dict:
+def data_settings(**data) -> DataSettings:
     base = {"source": "auto", "url": "http://unused.invalid/x.zip", "sha1": "0" * 40, "image_size": 64,
             "classes": ["banana"], "synthetic": dict(TINY)}
-    return {"data": {**base, **data}}
+    return Settings.from_params({"data": {**base, **data}}).data
 
 
 def banana_folder(root: Path) -> Path:
@@ -54,9 +57,9 @@ def test_a_folder_source_goes_through_fetch_and_validate(layout, tmp_path):
         source = source / "banana-detection" if layout == "banana, inner folder" else source
     before = tree_hash(source)
     project = tmp_path / "project"
-    check = check_source(str(source), params(source=str(source)), project / "data" / "source.json",
+    check = check_source(str(source), data_settings(source=str(source)), project / "data" / "source.json",
                          project / "data" / "raw")
-    manifest = fetch(None, None, project / "data" / "raw", params(source=str(source)), progress=False,
+    manifest = fetch(None, None, project / "data" / "raw", data_settings(source=str(source)), progress=False,
                      fingerprint=check["fingerprint"])
     assert manifest["resolved_source"] == "folder" and manifest["path"] == str(source.resolve())
     assert manifest["tree_sha256"] == check["fingerprint"]["tree_sha256"]
@@ -74,7 +77,7 @@ def test_a_folder_source_goes_through_fetch_and_validate(layout, tmp_path):
     inner = {"banana": "banana-detection/bananas_train", "banana, inner folder": "bananas_train",
              "train/val": "train"}[layout]
     (source / inner / "images" / "0.png").unlink()
-    fetch(str(source), None, project / "data" / "raw", params(), progress=False)
+    fetch(str(source), None, project / "data" / "raw", data_settings(), progress=False)
     assert sorted(p.name for p in (data / "bananas_train" / "images").iterdir()) == [f"{i}.png" for i in range(1, 6)]
 
 
@@ -83,10 +86,10 @@ def test_a_folder_in_neither_layout_is_refused_naming_what_is_missing(tmp_path):
     write_split(source / "train", 2, size=32)
     (source / "val" / "images").mkdir(parents=True)  # val without its label file
     out = tmp_path / "data" / "raw"
-    fetch(str(good_zip(tmp_path / "good.zip")), None, out, params(), progress=False)
+    fetch(str(good_zip(tmp_path / "good.zip")), None, out, data_settings(), progress=False)
     before = tree_hash(out)
     with pytest.raises(ValueError) as info:
-        fetch(str(source), None, out, params(), progress=False)
+        fetch(str(source), None, out, data_settings(), progress=False)
     message = str(info.value)
     assert "\n" not in message and f"source folder {source} has neither dataset layout" in message
     assert "banana layout: missing bananas_train/images, bananas_val/images, bananas_train/label.csv, " \
@@ -97,7 +100,7 @@ def test_a_folder_in_neither_layout_is_refused_naming_what_is_missing(tmp_path):
 
 def test_a_sha1_for_a_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a SHA-1 checks an archive"):
-        fetch(str(banana_folder(tmp_path / "mine")), "0" * 40, tmp_path / "raw", params(), progress=False)
+        fetch(str(banana_folder(tmp_path / "mine")), "0" * 40, tmp_path / "raw", data_settings(), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,5 +186,5 @@ def test_a_killed_fetch_leaves_a_work_folder_that_the_next_fetch_removes(tmp_pat
         server.shutdown()
     (leftover,) = data.glob(".tmp-fetch-*")
     assert leftover.name.startswith(f".tmp-fetch-{proc.pid}-")
-    fetch(str(good_zip(tmp_path / "good.zip")), None, data / "raw", params(), progress=False)
+    fetch(str(good_zip(tmp_path / "good.zip")), None, data / "raw", data_settings(), progress=False)
     assert sorted(p.name for p in data.iterdir()) == ["raw"]

@@ -206,7 +206,7 @@ def artifact(flow_run_id):
 def trained(prefect_api, archive_server, tmp_path_factory):
     """The whole flow, once, on a fresh project whose dataset server answers 503 until ``ssd fetch``
     has given up once: the fetch task then succeeds on its Prefect retry."""
-    from ssd.data.fetch import RETRIES
+    from ssd.data.download import RETRIES
 
     project = make_project(tmp_path_factory.mktemp("project"))
     archive_server.fail["/good.zip"] = RETRIES + 1  # every attempt of the first `ssd fetch`
@@ -286,7 +286,7 @@ def test_prefect_yaml_schedule_matches_code():
 # the flow on Prefect's server
 
 def test_flow_end_to_end_with_flaky_fetch(trained):
-    from ssd.data.fetch import RETRIES
+    from ssd.data.download import RETRIES
 
     state, project = trained["state"], trained["project"]
     assert state.is_completed(), state
@@ -359,7 +359,7 @@ def _fetch_only(project: Path, source: str):
 
 
 def test_task_retries_on_exit_75_and_only_then(prefect_api, archive_server, tmp_path):
-    from ssd.data.fetch import RETRIES
+    from ssd.data.download import RETRIES
 
     # Every attempt of the first `ssd fetch` gets 503: it gives up, exit 75; the task's retry gets the zip.
     archive_server.fail["/good.zip"] = RETRIES + 1

@@ -1,4 +1,4 @@
-"""The one image reader (ssd.data.dataset.read_image) in every stage: EXIF orientation for pixels, boxes and
+"""The one image reader (ssd.data.images.read_image) in every stage: EXIF orientation for pixels, boxes and
 predictions; 16-bit and other modes; the pixel limit; animations; predict over folders; label.csv errors.
 
 Every awkward input is made here, by the test itself.
@@ -18,9 +18,11 @@ import torch
 from PIL import Image
 
 from ssd.cli import main as cli_main
-from ssd.data.dataset import ImageTooLarge, load_dataset, read_image, read_labels, read_rgb
+from ssd.data.dataset import load_dataset
+from ssd.data.images import ImageTooLarge, read_image, read_rgb
+from ssd.data.labels import read_labels
 from ssd.core.model import TinySSD, save_model
-from ssd.engine.inference import predict_files
+from ssd.engine.prediction import predict_files
 from ssd.data.checks import run_validation
 from tiny_data import write_split
 

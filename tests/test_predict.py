@@ -11,7 +11,9 @@ from PIL import Image
 
 from ssd.cli import main as cli_main
 from ssd.core.model import TinySSD, save_model
-from ssd.engine.inference import is_model_uri, predict_files, to_pixels
+from ssd.engine.inference import to_pixels
+from ssd.engine.prediction import predict_files
+from ssd.mlops.models import is_model_uri
 from ssd.mlops.pyfunc import OUTPUT_COLUMNS, TinySSDModel, encode_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +124,9 @@ def test_pyfunc_predict_on_base64_images(model_file):
 def test_inference_feeds_the_net_channels_last_with_the_same_detections():
     """predict and evaluate give the net channels-last input (about 1.7x faster on CPU), and the
     detections match those of plain NCHW input up to float rounding."""
+    from ssd.core.anchors import decode_outputs
     from ssd.engine.evaluation import run_model
-    from ssd.engine.inference import decode_outputs, detect_raw
+    from ssd.engine.inference import detect_raw
 
     torch.manual_seed(0)
     net = TinySSD(1, image_size=64).eval()

@@ -11,9 +11,11 @@ import torch
 
 from ssd.cli import main as cli_main
 from ssd.core.model import TinySSD, save_model
-from ssd.util.params import load_params
-from ssd.mlops.registry import decide_promotion, register
-from ssd.mlops.tracking import PROVENANCE_KEYS, write_run_file
+from ssd.mlops.provenance import PROVENANCE_KEYS
+from ssd.mlops.registry import decide_promotion
+from ssd.mlops.tracking import write_run_file
+from ssd.stages.register import register
+from ssd.util.params import load_settings
 from servers import FaultyProxy, dead_port
 from tiny_data import write_dataset
 
@@ -69,11 +71,11 @@ def _training_run(tmp: Path, uri: str, seed: int, map_50: float) -> dict:
 def test_register_and_promote_against_mlflow_server(mlflow_server, tmp_path, monkeypatch, capsys):
     import mlflow
 
-    params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={NAME}"])
+    settings = load_settings(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={NAME}"])
     client = mlflow.MlflowClient(mlflow_server, mlflow_server)
 
     first = _training_run(tmp_path / "a", mlflow_server, seed=0, map_50=0.5)
-    rec = register(params, **first)
+    rec = register(settings, **first)
     assert (rec["version"], rec["decision"], rec["aliases"]) == (1, "promoted", ["challenger", "champion"])
     assert json.loads(first["out"].read_text()) == rec
     version = client.get_model_version(NAME, "1")
@@ -88,17 +90,17 @@ def test_register_and_promote_against_mlflow_server(mlflow_server, tmp_path, mon
     # Safe to run twice: same run, same weights -> the same version, nothing new registered; a
     # re-evaluation updates its metric tags.
     first["eval_file"].write_text(json.dumps({"map_50": 0.5, "map": 0.2}))
-    again = register(params, **first)
+    again = register(settings, **first)
     assert (again["version"], again["reused_version"], again["aliases"]) == (1, True, ["challenger", "champion"])
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1
     assert client.get_model_version(NAME, "1").tags["val_map"] == "0.2"
 
-    worse = register(params, **_training_run(tmp_path / "b", mlflow_server, seed=1, map_50=0.3))
+    worse = register(settings, **_training_run(tmp_path / "b", mlflow_server, seed=1, map_50=0.3))
     assert (worse["version"], worse["decision"], worse["aliases"]) == (2, "kept", ["challenger"])
     assert "**Champion decision**: kept: map_50 0.3000 does not beat" in client.get_model_version(NAME, "2").description
     assert client.get_model_version_by_alias(NAME, "champion").version == "1"
 
-    better = register(params, **_training_run(tmp_path / "c", mlflow_server, seed=2, map_50=0.7))
+    better = register(settings, **_training_run(tmp_path / "c", mlflow_server, seed=2, map_50=0.7))
     assert (better["version"], better["decision"], better["champion_version"]) == (3, "promoted", 3)
     assert client.get_model_version(NAME, "2").aliases == []  # challenger moved on
 

@@ -23,18 +23,20 @@ import pytest
 import torch
 
 from archive_helpers import closed_port_url, good_zip
-from ssd.data.fetch import (check_source, describe_change, fetch, fetch_reason, fetched_fingerprint, read_fingerprint,
-                       source_fingerprint)
+from ssd.data.fetch import fetch
+from ssd.data.source import (check_source, describe_change, fetch_reason, fetched_fingerprint, read_fingerprint,
+                             source_fingerprint)
 from ssd.data.synthetic import generate_archive
+from ssd.util.settings import DataSettings, Settings
 from test_flows import TINY, make_project, prefect_api  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def params(**data) -> dict:
+def params(**data) -> DataSettings:
     base = {"source": "auto", "url": "http://unused.invalid/x.zip", "sha1": None, "image_size": 150,
             "classes": ["banana"], "synthetic": {"seed": 0, "train": 4, "val": 2}}
-    return {"data": {**base, **data}}
+    return Settings.from_params({"data": {**base, **data}}).data
 
 
 class ArchiveServer:
@@ -146,7 +148,7 @@ def test_synthetic_and_offline_auto_fingerprints_are_stable(tmp_path):
     started = time.monotonic()
     unreachable = source_fingerprint("auto", offline)
     assert time.monotonic() - started < 5  # a refused connection is not retried
-    assert unreachable["kind"] == "unreachable" and unreachable["synthetic"] == offline["data"]["synthetic"]
+    assert unreachable["kind"] == "unreachable" and unreachable["synthetic"] == offline.synthetic.as_dict()
     assert source_fingerprint("auto", offline) == unreachable
     # check_source writes the file once; an unchanged check leaves it (and its mtime) alone.
     out = tmp_path / "source.json"
@@ -209,7 +211,7 @@ def test_fetch_records_the_fingerprint_and_refuses_an_archive_changed_since(zips
     assert fetched_fingerprint(tmp_path / "raw") == fingerprint  # the previous data is kept
     # A check that reached the d2l URL forbids the synthetic fallback when fetch cannot reach it.
     offline = params(url=closed_port_url())
-    reached = {"source": "auto", "kind": "d2l", "url": offline["data"]["url"], "etag": '"x"'}
+    reached = {"source": "auto", "kind": "d2l", "url": offline.url, "etag": '"x"'}
     with pytest.raises(RuntimeError, match="cannot reach"):
         fetch("auto", None, tmp_path / "raw2", offline, progress=False, fingerprint=reached)
 
@@ -300,9 +302,9 @@ def test_flow_retrains_when_the_zip_changes_and_rescores_the_champion(prefect_ap
     import mlflow
 
     from flows import retrain as rt
-    from ssd.mlops.tracking import split_digest
-    from ssd.util.params import load_params
+    from ssd.mlops.provenance import split_digest
     from ssd.mlops.registry import rescore_version
+    from ssd.util.params import load_settings
     from test_flows import artifact
 
     _dvc_env(monkeypatch)
@@ -349,10 +351,10 @@ def test_flow_retrains_when_the_zip_changes_and_rescores_the_champion(prefect_ap
     assert gate["rescored"] and gate["champion_version"] == 1 and gate["champion_stored_val_digest"] == digest_a
     assert gate["champion_stored_map_50"] == pytest.approx(first["eval"]["map_50"])
     assert gate["candidate_map_50"] == pytest.approx(third["eval"]["map_50"])
-    params = load_params(project / "params.yaml")
+    settings = load_settings(project / "params.yaml")
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
-    rescored = rescore_version(name, 1, params, val_split)["map_50"]
+    rescored = rescore_version(name, 1, val_split, settings.data, settings.evaluate)["map_50"]
     assert gate["champion_rescored_map_50"] == pytest.approx(rescored, abs=1e-9) == gate["champion_map_50"]
     assert (reg["decision"] == "promoted") == (gate["candidate_map_50"] > rescored)
     assert "**Champion gate**" in markdown and "re-scored on this split" in markdown and digest_a[:19] in markdown
@@ -392,26 +394,27 @@ def test_gate_rescores_champion_on_the_new_split(mlflow_server, tmp_path):
     new split) lets the challenger in. Same split again: the stored figure counts, no re-scoring."""
     import mlflow
 
-    from ssd.mlops.tracking import split_digest
-    from ssd.engine.evaluation import load_validation, score
     from ssd.core.model import load_model
-    from ssd.util.params import load_params
-    from ssd.mlops.registry import register
+    from ssd.engine.evaluation import load_validation, score
+    from ssd.mlops.provenance import split_digest
+    from ssd.stages.register import register
+    from ssd.util.params import load_settings
     from tiny_data import write_dataset
 
     name = "tinyssd-gate-test"
-    params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={name}"])
+    settings = load_settings(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={name}"])
     split_a = write_dataset(tmp_path / "A", train=1, val=4, size=64, seed=0)
     split_b = write_dataset(tmp_path / "B", train=1, val=4, size=64, seed=10)  # other validation images
     digest_a, digest_b = (split_digest(s / "bananas_val") for s in (split_a, split_b))
     client = mlflow.MlflowClient(mlflow_server, mlflow_server)
 
     champion = _candidate(tmp_path / "v1", mlflow_server, map_50=0.9)
-    assert register(params, **champion, data_dir=split_a)["decision"] == "promoted"
+    assert register(settings, **champion, data_dir=split_a)["decision"] == "promoted"
     assert client.get_model_version(name, "1").tags["val_digest"] == digest_a
 
-    record = register(params, **_candidate(tmp_path / "v2", mlflow_server, map_50=0.5, seed=1), data_dir=split_b)
-    expected = score(load_model(champion["model_path"]), load_validation(params, split_b), params).metrics["map_50"]
+    record = register(settings, **_candidate(tmp_path / "v2", mlflow_server, map_50=0.5, seed=1), data_dir=split_b)
+    expected = score(load_model(champion["model_path"]), load_validation(settings.data, split_b),
+                     settings.evaluate).metrics["map_50"]
     assert expected < 0.5  # an untrained champion on B; on A it claimed 0.9
     assert record["gate"] == {"val_digest": digest_b, "candidate_map_50": 0.5, "champion_version": 1,
                               "champion_stored_map_50": 0.9, "champion_stored_val_digest": digest_a,
@@ -421,7 +424,7 @@ def test_gate_rescores_champion_on_the_new_split(mlflow_server, tmp_path):
     assert "re-scored on this validation split" in record["reason"] and "stored map_50 0.9000" in record["reason"]
     assert json.loads((tmp_path / "v2" / "registration.json").read_text())["gate"]["rescored"] is True
 
-    record = register(params, **_candidate(tmp_path / "v3", mlflow_server, map_50=0.45, seed=2), data_dir=split_b)
+    record = register(settings, **_candidate(tmp_path / "v3", mlflow_server, map_50=0.45, seed=2), data_dir=split_b)
     assert record["gate"]["rescored"] is False and record["gate"]["champion_map_50"] == 0.5
     assert record["decision"] == "kept" and record["gate"]["champion_rescored_map_50"] is None
 
@@ -434,23 +437,23 @@ def test_champion_that_cannot_be_loaded_stops_registration(mlflow_server, tmp_pa
     import mlflow
 
     from ssd.cli import main as cli_main
-    from ssd.util.params import load_params
-    from ssd.mlops.registry import register
+    from ssd.stages.register import register
+    from ssd.util.params import load_settings
     from tiny_data import write_dataset
 
     name = "tinyssd-broken-champion"
-    params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={name}"])
+    settings = load_settings(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={name}"])
     split_a = write_dataset(tmp_path / "A", train=1, val=2, size=64, seed=0)
     split_b = write_dataset(tmp_path / "B", train=1, val=2, size=64, seed=10)
     with pytest.raises(RuntimeError, match="does not load"):  # registered, but no alias moves to it
-        register(params, **_candidate(tmp_path / "v1", mlflow_server, map_50=0.1, weights=b"not a model"),
+        register(settings, **_candidate(tmp_path / "v1", mlflow_server, map_50=0.1, weights=b"not a model"),
                  data_dir=split_a)
     client = mlflow.MlflowClient(mlflow_server, mlflow_server)
     # A person makes it champion anyway in the UI (as `ssd promote` or an older release could).
     client.set_registered_model_alias(name, "champion", "1")
     challenger = _candidate(tmp_path / "v2", mlflow_server, map_50=0.9)
     with pytest.raises(RuntimeError, match=rf"cannot re-score models:/{name}/1 .*could not be loaded"):
-        register(params, **challenger, data_dir=split_b)
+        register(settings, **challenger, data_dir=split_b)
     assert not challenger["out"].exists()
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 

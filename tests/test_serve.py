@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from ssd.core.model import TinySSD, save_model
-from ssd.util.params import load_params
-from ssd.engine.inference import predict_files
+from ssd.engine.prediction import predict_files
+from ssd.mlops.models import load_detector
 from ssd.mlops.pyfunc import OUTPUT_COLUMNS
-from ssd.mlops.registry import register
+from ssd.stages.register import register
+from ssd.util.params import load_settings
 
 from servers import free_port, http_server
 from tiny_data import write_dataset
@@ -48,9 +49,9 @@ def champion(mlflow_server, tmp_path_factory):
         pass
     write_run_file(run.info.run_id, mlflow_server, tmp / "mlflow_run.json")
     (tmp / "eval.json").write_text(json.dumps({"map_50": 0.4}))
-    params = load_params(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={NAME}"])
+    settings = load_settings(ROOT / "params.yaml", ["data.image_size=64", f"registry.model_name={NAME}"])
     data = write_dataset(tmp / "data", train=1, val=2, size=64)  # register tags the validation split's digest
-    record = register(params, tmp / "model.pt", tmp / "eval.json", tmp / "mlflow_run.json",
+    record = register(settings, tmp / "model.pt", tmp / "eval.json", tmp / "mlflow_run.json",
                       tmp / "registration.json", data)
     assert "champion" in record["aliases"]
     return tmp
@@ -68,7 +69,7 @@ def test_champion_loads_by_alias_and_predicts(champion, mlflow_server, monkeypat
     # `ssd predict --model models:/...@champion` goes through the same model.
     Image.new("RGB", (120, 60), (200, 180, 20)).save(champion / "img.png")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    (result,) = predict_files([champion / "img.png"], URI, threshold=0.0)
+    (result,) = predict_files([champion / "img.png"], load_detector(URI), threshold=0.0)
     assert (result["width"], result["height"]) == (120, 60) and result["detections"]
 
 

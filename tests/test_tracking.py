@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ssd.cli import main as cli_main
-from ssd.mlops.tracking import (PROVENANCE_KEYS, data_source, dvc_md5, flatten_params, provenance, read_run_file,
-                          run_name)
+from ssd.mlops.provenance import PROVENANCE_KEYS, data_source, dvc_md5, provenance
+from ssd.mlops.tracking import flatten_params, read_run_file, run_name
 from tiny_data import make_project, train_env
 
 URL = "http://example.invalid/banana-detection.zip"

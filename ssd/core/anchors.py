@@ -4,11 +4,13 @@ The names and signatures are the book's (d2l, "Anchor Boxes" and "Single Shot Mu
 Detection"), so readers of the chapter find them; the bodies are batched. Boxes are corner
 ``(x1, y1, x2, y2)`` normalised to [0, 1]. Label rows are ``(class, x1, y1, x2, y2)``;
 a row whose class is negative is padding, so images with different numbers of objects
-batch together.
+batch together. :func:`decode_outputs` (not the book's) is the one path from the net's outputs to
+detections, for prediction and evaluation alike.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import batched_nms, nms
 
 from ssd.core.boxes import box_center_to_corner, box_corner_to_center, box_iou, check_boxes
@@ -21,6 +23,7 @@ __all__ = [
     "multibox_target",
     "nms",
     "multibox_detection",
+    "decode_outputs",
 ]
 
 
@@ -238,3 +241,20 @@ def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anch
     conf = torch.where(below, 1 - conf, conf)
     out = torch.cat((class_id.unsqueeze(-1).to(conf.dtype), conf.unsqueeze(-1), predicted_bb.to(conf.dtype)), dim=-1)
     return out.gather(1, order[..., None].expand(-1, -1, 6))
+
+
+def decode_outputs(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: torch.Tensor,
+                   nms_threshold: float = 0.5, max_detections: int | None = None, *,
+                   per_class: bool = False) -> list[torch.Tensor]:
+    """The net's outputs (``Tensor[1, A, 4]``, ``Tensor[B, A, C + 1]`` logits, ``Tensor[B, A * 4]``) as detections.
+
+    Returns ``B`` CPU tensors ``Tensor[K, 6]`` rows ``(class_id, score, x1, y1, x2, y2)``, boxes
+    normalised to [0, 1], decreasing score, only the rows NMS kept (``class_id >= 0``), at most
+    ``max_detections`` of them. ``per_class``: NMS within each class only (the book's is
+    class-agnostic), see :func:`multibox_detection`.
+    """
+    cls_probs = F.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
+    output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold, per_class=per_class)
+    # One copy to the host, then the per-image selection there (no host sync per image on a GPU).
+    # multibox_detection puts the kept rows first, in decreasing score.
+    return [rows[rows[:, 0] >= 0][:max_detections] for rows in output.cpu()]

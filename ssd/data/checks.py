@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ssd.data.dataset import (DEFAULT_MAX_IMAGE_PIXELS, LABEL_COLUMNS, class_index, find_split, label_file, open_image,
-                      read_labels, read_rgb)
+from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS, open_image, read_rgb
+from ssd.data.labels import class_index, find_split, label_file, read_labels
+from ssd.data.layout import IMAGES_DIR, LABEL_COLUMNS, dataset_root
 from ssd.util.files import atomic_dir, atomic_write_json
-from ssd.data.layout import IMAGES_DIR, dataset_root
 
 SPLITS = ("train", "val")
 REPORT, SAMPLES = "validation.json", "samples.png"

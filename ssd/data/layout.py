@@ -2,7 +2,7 @@
 
 The dataset (the d2l banana archive's layout)::
 
-    banana-detection/                    DATASET_DIR (under data/raw)
+    banana-detection/                    DATASET_DIR (under data/raw, beside MANIFEST)
         bananas_train/ bananas_val/      SPLIT_DIRS
             images/0.png ...             IMAGES_DIR
             label.csv                    LABEL_FILE, header LABEL_COLUMNS
@@ -23,6 +23,7 @@ IMAGES_DIR = "images"
 LABEL_FILE = "label.csv"
 LABEL_COLUMNS = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")  # one row per box, pixel corners
 LABEL_HEADER = ",".join(LABEL_COLUMNS)
+MANIFEST = "manifest.json"  # beside DATASET_DIR: what the fetch stage fetched, and from which source
 
 
 def dataset_root(path: str | Path) -> Path:

@@ -301,7 +301,7 @@ def find_checkpoint(directory: Path, params: dict[str, Any], data_fingerprint: s
 
 
 CODE_MODULES = ("ssd.engine.loop", "ssd.core.model", "ssd.core.anchors", "ssd.core.boxes", "ssd.core.loss",
-                "ssd.data.dataset", "ssd.core.augment", "ssd.core.schedule")
+                "ssd.data.dataset", "ssd.data.images", "ssd.data.labels", "ssd.core.augment", "ssd.core.schedule")
 
 
 def code_fingerprint() -> str:
@@ -378,7 +378,8 @@ class Progress:
 
 def train(params: dict[str, Any], args: argparse.Namespace, info: dist.DistInfo, uri: str) -> dict[str, Any]:
     """The whole stage, tracked in MLflow at ``uri`` (rank 0); returns the final metrics (on every rank)."""
-    from ssd.mlops.tracking import Tracker, provenance, run_name
+    from ssd.mlops.provenance import provenance
+    from ssd.mlops.tracking import Tracker, run_name
 
     setup = build(params, args.data, info)
     progress = resume(setup, params, args)

@@ -69,11 +69,11 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     """Loads ``model.pt`` from the model's artifacts; settings come from the model config."""
 
     def load_context(self, context):  # noqa: ANN001
-        from ssd.data.dataset import DEFAULT_MAX_IMAGE_PIXELS
+        from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS
         from ssd.core.model import load_model
         from ssd.engine.inference import best_device
 
-        config = context.model_config  # written by ssd.mlops.registry.log_pyfunc from the validated params
+        config = context.model_config  # ssd.mlops.registry.model_config, from the checked params
         # "auto" (the registry's) picks the GPU when there is one; a load-time config may name a device.
         self.net = load_model(context.artifacts[WEIGHTS_ARTIFACT], map_location=best_device(config.get("device")))
         self.image_size = int(config["image_size"])
@@ -87,7 +87,8 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     # class definition (every load), and that warning cannot be filtered from outside.
     def predict(self, context, model_input: pd.DataFrame,  # noqa: ANN001
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from ssd.engine.inference import detect, read_images
+        from ssd.engine.inference import detect
+        from ssd.engine.prediction import read_images
 
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             raise ValueError(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded images")

@@ -10,11 +10,11 @@ This is the one module that talks to MLflow's tracking API: :func:`client` (ever
 run (:class:`Tracker`, which owns its run: MLflow's fluent API, so the run carries MLflow's
 context tags and dataset inputs), the evaluation logged into that run (:func:`log_evaluation`),
 and what an MLflow error means (:func:`is_missing`; ``ssd.util.errors.is_transient``). ``ssd.mlops.registry`` keeps
-the registry's own operations (versions, aliases, the logged model), through :func:`client`.
+the registry's own operations (versions, aliases, the logged model), through :func:`client`; what a
+run records about where it came from (git commit, data hashes) is ``ssd.mlops.provenance``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.error
@@ -22,9 +22,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ssd.util.errors import TransientError
 from ssd.data.layout import RUN_FILE
-from ssd.util.files import atomic_write_json, file_digest
+from ssd.mlops.provenance import data_folder, data_source, dvc_md5, read_manifest
+from ssd.util.errors import TransientError
+from ssd.util.files import atomic_write_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "tinyssd"  # the MLflow experiment training runs go to (`ssd train --experiment`)
@@ -103,7 +104,7 @@ def read_run_file(path: str | Path = RUN_FILE) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# What runs, model versions and reports record about where they came from.
+# The training's run: params, tags, dataset inputs, metrics per epoch, checkpoints.
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 0.2}}`` -> ``{"train.lr": "0.2"}``; lists stay one value (``"[1, 2, 0.5]"``)."""
@@ -118,119 +119,6 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-PROVENANCE_KEYS = ("git_commit", "git_dirty", "data_hash", "data_source", "data_synthetic_fallback")
-_MD5_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def data_folder(dataset_root: str | Path) -> Path:
-    """The folder that identifies a dataset: ``data/raw`` (the fetch stage's output, as DVC tracks
-    it, ``manifest.json`` included) for ``data/raw/banana-detection``, else the dataset root itself."""
-    root = Path(dataset_root)
-    return root.parent if (root.parent / "manifest.json").is_file() else root
-
-
-def _file_md5(path: Path) -> str:
-    stat = path.stat()  # keyed like DVC's state db: a file seen unchanged is not read again
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _MD5_CACHE:
-        _MD5_CACHE[key] = file_digest(path, "md5")
-    return _MD5_CACHE[key]
-
-
-def dvc_md5(directory: str | Path) -> dict[str, str]:
-    """DVC's md5 of ``directory`` and of every folder in it, keyed by POSIX path relative to it
-    (``"."`` for itself): ``<md5>.dir``, what ``dvc add`` and ``dvc.lock`` record (DVC 3). Empty if
-    ``directory`` does not exist."""
-    directory = Path(directory)
-    files = sorted((p.relative_to(directory).as_posix(), _file_md5(p))
-                   for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []
-    listings: dict[str, list[dict[str, str]]] = {}
-    for rel, md5 in files:  # sorted by path, so every folder's listing is too, as DVC sorts it
-        for parent in Path(rel).parents:
-            folder = parent.as_posix()
-            listings.setdefault(folder, []).append(
-                {"md5": md5, "relpath": rel if folder == "." else rel[len(folder) + 1:]})
-    return {folder: hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
-            for folder, listing in listings.items()}
-
-
-def split_digest(split_dir: str | Path) -> str:
-    """``dvc-md5:<md5>.dir``: DVC's hash of one split's folder (images and label file), the digest its
-    MLflow dataset input carries. Equal digests mean the same images and boxes, so the same model
-    scores the same on both; the registry uses it to tell whether two scores are comparable."""
-    digest = dvc_md5(split_dir).get(".")
-    if digest is None:
-        raise FileNotFoundError(f"{split_dir}: no such split folder (or it is empty)")
-    return f"dvc-md5:{digest}"
-
-
-def _manifest(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def data_source(manifest: dict[str, Any], folder: Path) -> str:
-    """Where the data came from: the archive's URL or path from ``ssd fetch``'s manifest,
-    ``synthetic:seed=N`` for generated bananas, else the folder it was read from."""
-    if manifest.get("resolved_source") == "synthetic":
-        return f"synthetic:seed={(manifest.get('synthetic') or {}).get('seed', 'unknown')}"
-    return str(manifest.get("url") or manifest.get("path") or folder.resolve())
-
-
-def _git(cwd: str | Path, *args: str) -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _pipeline_outputs(cwd: str | Path) -> list[str]:
-    """``dvc.lock``, ``params.yaml`` and every ``outs``/``metrics``/``plots`` path of ``dvc.yaml``'s
-    stages: files the pipeline itself writes, some of them committed to git. ``params.yaml`` is among
-    them because ``dvc exp run -S`` and the flow write it before any stage runs; the values are
-    recorded as the run's params, so they need no dirty flag."""
-    import yaml
-
-    try:
-        stages = (yaml.safe_load((Path(cwd) / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError):
-        stages = {}
-    return ["dvc.lock", "params.yaml"] + [str(next(iter(entry)) if isinstance(entry, dict) else entry)
-                           for stage in stages.values() if isinstance(stage, dict)
-                           for key in ("outs", "metrics", "plots") for entry in stage.get(key) or []]
-
-
-def provenance(dataset_root: str | Path, cwd: str | Path = ".") -> dict[str, str]:
-    """Where a run, a model version or a report came from; the same keys (``PROVENANCE_KEYS``),
-    all strings, on run tags, version tags and in the reports' ``provenance`` block:
-
-    - ``git_commit``: the checked-out commit (``unknown`` outside git);
-    - ``git_dirty``: ``true`` when tracked files differ from it, the pipeline's own outputs aside
-      (``dvc.lock`` and the reports, rewritten as each stage of ``dvc repro`` finishes) and
-      ``params.yaml`` (logged as the run's params), else
-      ``false`` (``unknown`` outside git);
-    - ``data_hash``: ``dvc-md5:<md5>.dir``, DVC's hash of :func:`data_folder`, computed from the
-      files on disk (equal to ``dvc.lock``'s when that is up to date), ``unknown`` without data;
-    - ``data_source``: :func:`data_source`;
-    - ``data_synthetic_fallback``: ``true`` when ``ssd fetch --source auto`` generated bananas
-      because the network was unreachable, else ``false``.
-    """
-    folder = data_folder(dataset_root)
-    manifest = _manifest(folder)
-    commit = _git(cwd, "rev-parse", "HEAD")
-    dirty = _git(cwd, "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                 *(f":(exclude){path}" for path in _pipeline_outputs(cwd)))
-    data_hash = dvc_md5(folder).get(".")
-    return {"git_commit": commit or "unknown",
-            "git_dirty": "unknown" if commit is None or dirty is None else str(bool(dirty)).lower(),
-            "data_hash": f"dvc-md5:{data_hash}" if data_hash else "unknown",
-            "data_source": data_source(manifest, folder),
-            "data_synthetic_fallback": str(bool(manifest.get("synthetic_fallback"))).lower()}
 
 
 def run_name(commit: str, now: Any = None) -> str:
@@ -253,10 +141,10 @@ def log_dataset_inputs(dataset_root: str | Path) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    from ssd.data.dataset import find_split
+    from ssd.data.labels import find_split
 
     folder = data_folder(dataset_root)
-    manifest = _manifest(folder)
+    manifest = read_manifest(folder)
     source_text = data_source(manifest, folder)
     if source_text.startswith(("http://", "https://")):
         source = HTTPDatasetSource(source_text)
@@ -390,9 +278,6 @@ def training_run(run_file: str | Path = RUN_FILE) -> TrainingRun | None:
     return TrainingRun(found, info["run_id"], dict(run.data.tags))
 
 
-def run_provenance(tags: dict[str, str]) -> dict[str, str]:
-    """The :func:`provenance` a run was tagged with (``unknown`` for a key it lacks)."""
-    return {key: tags.get(key, "unknown") for key in PROVENANCE_KEYS}
 
 
 def log_evaluation(run: TrainingRun, metrics: dict[str, Any], paths: dict[str, Path]) -> None:

@@ -1,15 +1,27 @@
 """``ssd evaluate``: mAP, precision/recall, per-class AP, confusion and pictures on the validation split.
 
-Metrics and pictures: ``ssd.engine.evaluation``. Written under ``reports/`` and logged into the
-training's MLflow run (``models/mlflow_run.json``).
+Scoring and reports: ``ssd.engine.evaluation`` (the metrics: ``ssd.engine.metrics``; the pictures:
+``ssd.engine.figures``). Written under ``reports/`` (``eval.json`` with a ``provenance`` block: the
+training run's, ``ssd.mlops.provenance``, computed now only for a model without a run) and logged
+into the training's MLflow run (``models/mlflow_run.json``) as ``val_*`` metrics and ``evaluation/``
+artifacts. Without that run the reports are still written and MLflow logging is skipped with a
+warning, so the stage can be run on a model that came from elsewhere.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
+from ssd.core.model import load_model
 from ssd.data.layout import DATASET_ROOT, MODEL_FILE, REPORTS, RUN_FILE
-from ssd.engine.evaluation import evaluate
-from ssd.stages.common import add_params_arguments, load
+from ssd.engine.evaluation import load_validation, score, write_reports
+from ssd.engine.figures import report_figures
+from ssd.engine.metrics import CURVE_THRESHOLDS, flat_per_class, precision_recall
+from ssd.mlops.provenance import provenance, run_provenance
+from ssd.mlops.tracking import log_evaluation, training_run
+from ssd.stages import common
+from ssd.util.settings import Settings
 
 PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels")
 
@@ -19,11 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=str(DATASET_ROOT), help="dataset root (default: %(default)s)")
     parser.add_argument("--reports", default=str(REPORTS), help="reports folder (default: %(default)s)")
     parser.add_argument("--run-file", default=str(RUN_FILE), help="the training's MLflow run (default: %(default)s)")
-    add_params_arguments(parser)
+    common.add_params_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate(load(args, PARAMS), args.model, args.data, args.reports, args.run_file)
+    metrics = evaluate(common.settings(args, PARAMS), args.model, args.data, args.reports, args.run_file)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
                    if isinstance(v, (int, float))))
     for name, values in metrics["per_class"].items():
@@ -31,3 +43,25 @@ def run(args: argparse.Namespace) -> int:
     for pair in metrics["confusion"]["confused"]:
         print(f"  {pair['truth']} taken for {pair['predicted']}: {pair['count']} ({pair['fraction']:.0%})")
     return 0
+
+
+def evaluate(settings: Settings, model_path: str | Path = MODEL_FILE, data_root: str | Path = DATASET_ROOT,
+             reports: str | Path = REPORTS, run_file: str | Path = RUN_FILE) -> dict[str, Any]:
+    """The whole stage with the settings of :data:`PARAMS`: metrics, curve and pictures written under
+    ``reports``, logged to MLflow; returns the metrics (``eval.json`` without its provenance)."""
+    run = training_run(run_file)  # first: an unreachable server fails the stage before any scoring
+    # The model's provenance is its training run's (the same tags as on the run and the version);
+    # only a model that came from elsewhere, with no run, gets the checkout's and data's.
+    origin = run_provenance(run.tags) if run else provenance(data_root)
+    cfg = settings.evaluate
+    net = load_model(model_path)
+    dataset = load_validation(settings.data, data_root)
+    scores = score(net, dataset, cfg)
+    metrics = scores.metrics
+    curve = precision_recall(scores.pixel_preds, scores.pixel_targets, CURVE_THRESHOLDS)
+    with report_figures(dataset, scores.preds, metrics["confusion"], curve, float(cfg.threshold),
+                        cfg.gallery_images) as figures:
+        paths = write_reports(Path(reports), {**metrics, "provenance": origin}, curve, figures)
+    if run:
+        log_evaluation(run, {**metrics, **flat_per_class(metrics["per_class"])}, paths)
+    return metrics

@@ -1,7 +1,7 @@
 """``ssd fetch``: download (or generate, or copy) the dataset into ``data/raw``, verified and whole.
 
 Sources and guarantees: ``ssd.data.fetch``. The DVC stage passes ``--fingerprint data/source.json``
-(written by ``ssd source``) so the manifest records what the source was.
+(written by ``ssd source``, ``ssd.data.source``) so the manifest records what the source was.
 """
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssd.data.fetch import fetch, read_fingerprint
-from ssd.data.layout import DATASET_DIR, RAW_DIR
-from ssd.stages.common import add_params_arguments, load
+from ssd.data.fetch import fetch
+from ssd.data.layout import DATASET_DIR, MANIFEST, RAW_DIR
+from ssd.data.source import read_fingerprint
+from ssd.stages.common import add_params_arguments, settings
 
 PARAMS = ("data.source", "data.url", "data.sha1", "data.synthetic", "data.image_size")
 
@@ -28,17 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = load(args, PARAMS)
+    data = settings(args, PARAMS).data
     fingerprint = None
     if args.fingerprint:
         fingerprint = read_fingerprint(args.fingerprint)
         if fingerprint is None:
             raise FileNotFoundError(f"{args.fingerprint}: no source fingerprint there (run `ssd source` first)")
-    manifest = fetch(args.source, args.sha1, args.out, params, progress=not args.quiet, fingerprint=fingerprint)
+    manifest = fetch(args.source, args.sha1, args.out, data, progress=not args.quiet, fingerprint=fingerprint)
     files = ", ".join(f"{k}: {v['images']} images / {v['label_rows']} boxes" for k, v in manifest["files"].items())
     digest = f"sha1 {manifest['sha1']}" if manifest["sha1"] else f"tree sha256 {manifest['tree_sha256'][:12]}…"
     print(f"fetched {manifest['resolved_source']} dataset ({digest}) into "
           f"{Path(args.out) / DATASET_DIR}: {files}")
     if manifest["synthetic_fallback"]:
-        print("NOTE: synthetic fallback (network unreachable); see manifest.json", file=sys.stderr)
+        print(f"NOTE: synthetic fallback (network unreachable); see {MANIFEST}", file=sys.stderr)
     return 0

@@ -2,8 +2,10 @@
 
     ssd predict IMAGE_OR_FOLDER... [--model models:/tinyssd@champion | models/model.pt] [--threshold 0.9] [--out DIR]
 
-Prints one JSON record per image (pixel boxes, class names, scores); with ``--out``, annotated
-copies. An unreadable input is reported on stderr and skipped (exit 1 at the end).
+Prints one JSON record per image (pixel boxes, class names, scores: ``ssd.engine.prediction``);
+with ``--out``, annotated copies. A model URI is loaded from MLflow (``ssd.mlops.models``) with the
+settings it was registered with; a model file with the params'. An unreadable input is reported on
+stderr and skipped (exit 1 at the end).
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import argparse
 import json
 import sys
 
-from ssd.engine.inference import predict_files
-from ssd.mlops.registry import CHAMPION
-from ssd.stages.common import add_params_arguments, load
+from ssd.engine.inference import PER_CLASS_NMS
+from ssd.engine.prediction import predict_files
+from ssd.mlops.models import load_detector
+from ssd.mlops.records import CHAMPION
+from ssd.stages import common
 
 PARAMS = ("evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size",
           "data.max_image_pixels", "registry.model_name")
@@ -28,24 +32,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="minimum score of a reported box (default: params evaluate.threshold)")
     parser.add_argument("--out", default=None, help="folder for annotated images (default: none written)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_params_arguments(parser)
+    common.add_params_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    params = load(args, PARAMS)
-    evaluate, data = params["evaluate"], params["data"]
-    model = args.model or f"models:/{params['registry']['model_name']}@{CHAMPION}"
-    threshold = args.threshold if args.threshold is not None else evaluate["threshold"]
+    settings = common.settings(args, PARAMS)
+    evaluate, data = settings.evaluate, settings.data
+    model = args.model or f"models:/{settings.registry.model_name}@{CHAMPION}"
+    threshold = args.threshold if args.threshold is not None else evaluate.threshold
     failed: list[str] = []
 
     def report(message: str) -> None:
         failed.append(message)
         print(f"ssd predict: skipped {message}", file=sys.stderr, flush=True)
 
-    results = predict_files(args.images, model, threshold, args.out,
-                            image_size=data["image_size"], nms_threshold=evaluate["nms_threshold"],
-                            max_pixels=data["max_image_pixels"], on_error=report, device=args.device,
-                            per_class=evaluate["nms"] == "per_class")
+    detector = load_detector(model, data.image_size, evaluate.nms_threshold, args.device)
+    results = predict_files(args.images, detector, threshold, args.out, max_pixels=data.max_image_pixels,
+                            on_error=report, per_class=evaluate.nms == PER_CLASS_NMS)
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
     if failed:

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from ssd.mlops.registry import promote
-from ssd.stages.common import add_params_arguments, load
+from ssd.stages import common
 
 PARAMS = ("registry.model_name",)
 
@@ -13,10 +13,10 @@ PARAMS = ("registry.model_name",)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", required=True, type=int, help="registered version to make champion")
     parser.add_argument("--name", default=None, help="registered model (default: params registry.model_name)")
-    add_params_arguments(parser)
+    common.add_params_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    name = args.name or load(args, PARAMS)["registry"]["model_name"]
+    name = args.name or common.settings(args, PARAMS).registry.model_name
     print(json.dumps(promote(name, args.version), indent=2))
     return 0

@@ -1,16 +1,40 @@
 """``ssd register``: log the model to MLflow, register it, move ``challenger`` (and maybe ``champion``).
 
-Safe to run twice; the registry operations and the promotion rule: ``ssd.mlops.registry``.
-``reports/registration.json`` records the version, the aliases and the decision.
+The pyfunc is logged into the training's run (``models/mlflow_run.json``) and registered as a new
+version of ``registry.model_name``, tagged with its validation metrics, the validation split they
+came from and its training run's provenance (git commit, data hash and source); it gets the alias
+``challenger``. ``champion`` moves to it only when ``ssd.mlops.registry.decide_promotion`` says so
+(no champion yet, or val mAP@0.5 better by at least ``registry.min_improvement``, the champion
+re-scored first if its figure came from another validation split). The version's description
+states its metrics and that decision; ``reports/registration.json`` records the outcome (keys:
+``ssd.mlops.records``).
+
+Order, so that a failure moves nothing: everything the decision needs is read first (the run, the
+champion, an existing version); then the version is registered (or reused) and must load from the
+registry and predict one validation image (``ssd.mlops.registry.check_version``); only then do
+``challenger`` and ``champion`` move. Running it twice is safe: a version already registered from
+the same run with the same weights is reused rather than duplicated. The registry's operations and
+its errors: ``ssd.mlops.registry``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ssd.data.layout import EVAL_FILE, MODEL_FILE, RAW_DIR, REGISTRATION_FILE, RUN_FILE
-from ssd.mlops.registry import register
-from ssd.stages.common import add_params_arguments, load
+from ssd.mlops.provenance import run_provenance, split_digest
+from ssd.mlops.records import CHALLENGER, CHAMPION, GATE, METRIC, RECORD
+from ssd.mlops.registry import (CHAMPION_REASON, LOAD_CHECK, LOAD_PASSED, MODEL_SHA, RUN_ID, VAL_DIGEST, Decision,
+                                champion_gate, champion_of, check_version, decide_promotion, find_version, log_pyfunc,
+                                model_config, validation_split, version_description)
+from ssd.mlops.tracking import client as mlflow_client
+from ssd.mlops.tracking import read_run_file
+from ssd.stages import common
+from ssd.util.files import atomic_write_json, file_digest
+from ssd.util.settings import DataSettings, EvaluateSettings, RegistrySettings, Settings
 
 PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size",
           "data.max_image_pixels", "data.classes")
@@ -22,10 +46,145 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-file", default=str(RUN_FILE), help="the training's MLflow run (default: %(default)s)")
     parser.add_argument("--out", default=str(REGISTRATION_FILE), help="record (default: %(default)s)")
     parser.add_argument("--data", default=str(RAW_DIR), help="the data, for its validation split (default: %(default)s)")
-    add_params_arguments(parser)
+    common.add_params_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    record = register(load(args, PARAMS), args.model, args.eval, args.run_file, args.out, args.data)
+    record = register(common.settings(args, PARAMS), args.model, args.eval, args.run_file, args.out, args.data)
     print(json.dumps(record, indent=2))
     return 0
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What the stage decides on, all read before anything in the registry changes: an error while
+    reading stops the stage with nothing registered and no alias moved."""
+    name: str
+    min_improvement: float
+    metrics: dict[str, Any]
+    run_id: str
+    uri: str
+    client: Any
+    model_sha: str
+    split_dir: Path
+    val_digest: str
+    metric_tags: dict[str, str]
+    origin: dict[str, str]          # the training run's provenance (git commit, data hash and source)
+    champion: Any | None
+    existing: Any | None            # the version already registered from this run with these weights
+
+
+def _read_metrics(model_path: Path, eval_file: Path) -> dict[str, Any]:
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file not found: {model_path} (run the train stage first)")
+    if not eval_file.is_file():
+        raise FileNotFoundError(f"{eval_file} not found (run the evaluate stage first)")
+    metrics = json.loads(eval_file.read_text())
+    if METRIC not in metrics:
+        raise ValueError(f"{eval_file}: no {METRIC!r} metric")
+    return metrics
+
+
+def _read_before(cfg: RegistrySettings, model_path: Path, eval_file: Path, run_file: str | Path,
+                 data_dir: str | Path) -> _Before:
+    name, min_improvement = str(cfg.model_name), float(cfg.min_improvement)
+    metrics = _read_metrics(model_path, eval_file)
+    run = read_run_file(run_file)
+    run_id, uri = run["run_id"], run["tracking_uri"]
+    client = mlflow_client(uri)  # an unreachable server fails here, in seconds (exit 75)
+    model_sha = file_digest(model_path)
+
+    metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    # The split those metrics came from (the evaluate stage read the same data/raw): a later
+    # candidate scored on another split re-scores this version before comparing with it.
+    split_dir = validation_split(data_dir)
+    val_digest = split_digest(split_dir)
+    metric_tags[VAL_DIGEST] = val_digest
+    origin = run_provenance(client.get_run(run_id).data.tags)  # the version's provenance is its run's
+    champion = champion_of(client, name)
+    existing = find_version(client, name, run_id, model_sha)
+    return _Before(name, min_improvement, metrics, run_id, uri, client, model_sha, split_dir, val_digest,
+                   metric_tags, origin, champion, existing)
+
+
+def _register_or_reuse(before: _Before, model_path: Path, config: dict[str, Any]) -> Any:
+    """The model version for these weights: registered now, or the one found before."""
+    name, client, version = before.name, before.client, before.existing
+    if version is None:
+        import mlflow
+
+        model_uri = log_pyfunc(before.run_id, model_path, config)
+        tags = {**before.metric_tags, **before.origin, RUN_ID: before.run_id, MODEL_SHA: before.model_sha}
+        return mlflow.register_model(model_uri, name, tags=tags)
+    # Same weights, maybe re-evaluated (other threshold): the tags follow the current eval.json.
+    for key, value in {**before.metric_tags, **before.origin}.items():
+        if (version.tags or {}).get(key) != value:
+            client.set_model_version_tag(name, str(version.version), key, value)
+    return version
+
+
+def _rescore_note(gate: dict[str, Any]) -> str:
+    """Why the champion's figure is not its stored one, for the decision's reason."""
+    stored, was_on = gate[GATE.champion_stored_map_50], gate[GATE.champion_stored_val_digest]
+    return (f"; the champion was re-scored on this validation split ({gate[GATE.val_digest][:19]}…): its stored "
+            f"{METRIC} {'unknown' if stored is None else f'{stored:.4f}'} was computed on "
+            + (f"{was_on[:19]}…" if was_on else "an unrecorded split"))
+
+
+def _decide(before: _Before, version_no: str, candidate: float, data: DataSettings,
+            evaluate: EvaluateSettings) -> tuple[Decision, dict[str, Any] | None]:
+    """The champion decision for ``version_no`` and the figures it compared (None: no comparison)."""
+    champion = before.champion
+    if champion is not None and str(champion.version) == version_no:
+        return Decision(False, f"version {version_no} is already the champion"), None
+    # Raises when the champion cannot be re-scored: no comparison, so no promotion.
+    gate = champion_gate(before.name, champion, candidate, before.val_digest, before.split_dir, data,
+                         evaluate) if champion else None
+    decision = decide_promotion(candidate, gate[GATE.champion_map_50] if gate else None,
+                                before.min_improvement, has_champion=champion is not None)
+    if gate and gate[GATE.rescored]:
+        decision = Decision(decision.promote, decision.reason + _rescore_note(gate))
+    return decision, gate
+
+
+def _move_aliases(before: _Before, version_no: str, decision: Decision) -> None:
+    name, client = before.name, before.client
+    client.set_registered_model_alias(name, CHALLENGER, version_no)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version_no)
+        client.set_model_version_tag(name, version_no, CHAMPION_REASON, decision.reason)
+    client.update_model_version(name, version_no, description=version_description(before.metrics, decision))
+
+
+def _record(before: _Before, version_no: str, decision: Decision, gate: dict[str, Any] | None,
+            candidate: float) -> dict[str, Any]:
+    """What ``reports/registration.json`` says; the aliases as the registry has them now."""
+    name, champion = before.name, before.champion
+    champion_version = version_no if decision.promote else champion.version if champion is not None else None
+    aliases = sorted(before.client.get_model_version(name, version_no).aliases or [])
+    return {RECORD.model_name: name, RECORD.version: int(version_no),
+            RECORD.model_uri: f"models:/{name}/{version_no}", RECORD.aliases: aliases,
+            RECORD.decision: decision.label, RECORD.reason: decision.reason,
+            RECORD.champion_version: int(champion_version) if champion_version is not None else None,
+            RECORD.val_map_50: candidate, RECORD.run_id: before.run_id, RECORD.tracking_uri: before.uri,
+            RECORD.reused_version: before.existing is not None, RECORD.provenance: before.origin,
+            RECORD.val_digest: before.val_digest, RECORD.gate: gate}
+
+
+def register(settings: Settings, model_path: str | Path = MODEL_FILE, eval_file: str | Path = EVAL_FILE,
+             run_file: str | Path = RUN_FILE, out: str | Path = REGISTRATION_FILE,
+             data_dir: str | Path = RAW_DIR) -> dict[str, Any]:
+    """The whole stage (see the module docstring) with the ``registry``, ``evaluate`` and ``data``
+    settings of :data:`PARAMS`; returns what it writes to ``out``."""
+    model_path = Path(model_path)
+    before = _read_before(settings.registry, model_path, Path(eval_file), run_file, data_dir)
+    version = _register_or_reuse(before, model_path, model_config(settings.data, settings.evaluate))
+    version_no = str(version.version)
+    if (version.tags or {}).get(LOAD_CHECK) != LOAD_PASSED:  # checked once per version: the weights do not change
+        check_version(before.client, before.name, version_no, before.split_dir)
+    candidate = float(before.metrics[METRIC])
+    decision, gate = _decide(before, version_no, candidate, settings.data, settings.evaluate)
+    _move_aliases(before, version_no, decision)
+    record = _record(before, version_no, decision, gate, candidate)
+    atomic_write_json(out, record)
+    return record

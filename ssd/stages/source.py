@@ -1,15 +1,15 @@
 """``ssd source``: fingerprint the data source; ``data/source.json`` is rewritten only when it changed.
 
 The always-run DVC stage before ``fetch``: fetch depends on that file, so DVC reruns it exactly when
-the source's content changed (``ssd.data.fetch.check_source``).
+the source's content changed (``ssd.data.source.check_source``).
 """
 from __future__ import annotations
 
 import argparse
 
-from ssd.data.fetch import check_source
 from ssd.data.layout import RAW_DIR, SOURCE_FILE
-from ssd.stages.common import add_params_arguments, load
+from ssd.data.source import check_source
+from ssd.stages.common import add_params_arguments, settings
 
 PARAMS = ("data.source", "data.url", "data.synthetic", "data.image_size")
 
@@ -22,6 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = check_source(args.source, load(args, PARAMS), args.out, args.data)
+    result = check_source(args.source, settings(args, PARAMS).data, args.out, args.data)
     print(f"{result['change']}; {args.out} " + ("written" if result["written"] else "unchanged"))
     return 0

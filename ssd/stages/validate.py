@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ssd.data.checks import REPORT, run_validation
 from ssd.data.layout import DATA_REPORTS, RAW_DIR
-from ssd.stages.common import add_params_arguments, load
+from ssd.stages.common import add_params_arguments, settings
 
 PARAMS = ("data.classes", "data.image_size", "data.max_image_pixels", "data.strict")
 
@@ -21,9 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = load(args, PARAMS)["data"]
-    report = run_validation(args.data, args.out, data["image_size"], data["classes"], data["strict"],
-                            data["max_image_pixels"])
+    data = settings(args, PARAMS).data
+    report = run_validation(args.data, args.out, data.image_size, data.classes, data.strict, data.max_image_pixels)
     counts = ", ".join(f"{s}: {v['images']} images / {v['label_rows']} boxes" for s, v in report["splits"].items())
     print(f"{report['data']} is valid ({counts}); report in {Path(args.out) / REPORT}")
     return 0

@@ -1,0 +1,47 @@
+"""The registry's names that other code reads: the aliases, and the keys of ``reports/registration.json``.
+
+``ssd.stages.register`` writes the record with these keys and the flow (``flows/retrain.py``) reads
+it with them. No MLflow or torch here: the flow imports this cheaply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHAMPION, CHALLENGER = "champion", "challenger"   # the registered model's aliases
+METRIC = "map_50"                                 # the validation metric that decides promotion
+PROMOTED, KEPT = "promoted", "kept"               # the record's decision
+
+
+@dataclass(frozen=True)
+class RecordKeys:
+    """The keys of ``reports/registration.json``, in the order it is written."""
+    model_name: str = "model_name"
+    version: str = "version"
+    model_uri: str = "model_uri"
+    aliases: str = "aliases"                      # the version's aliases after the stage
+    decision: str = "decision"                    # PROMOTED or KEPT
+    reason: str = "reason"
+    champion_version: str = "champion_version"    # the champion after the stage (None: none)
+    val_map_50: str = f"val_{METRIC}"             # the candidate's
+    run_id: str = "run_id"
+    tracking_uri: str = "tracking_uri"
+    reused_version: str = "reused_version"
+    provenance: str = "provenance"
+    val_digest: str = "val_digest"                # the validation split the candidate was scored on
+    gate: str = "gate"                            # GateKeys' figures, or None when no champion was compared
+
+
+@dataclass(frozen=True)
+class GateKeys:
+    """The keys of the record's ``gate``: the figures the candidate was compared on, in the order written."""
+    val_digest: str = "val_digest"
+    candidate_map_50: str = f"candidate_{METRIC}"
+    champion_version: str = "champion_version"
+    champion_stored_map_50: str = f"champion_stored_{METRIC}"         # from the champion's version tags
+    champion_stored_val_digest: str = "champion_stored_val_digest"   # the split that figure was computed on
+    rescored: str = "rescored"                                       # True: another split, so re-scored now
+    champion_rescored_map_50: str = f"champion_rescored_{METRIC}"    # None when not re-scored
+    champion_map_50: str = f"champion_{METRIC}"                      # the figure compared
+
+
+RECORD, GATE = RecordKeys(), GateKeys()
