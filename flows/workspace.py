@@ -12,6 +12,7 @@ and model to the DVC remote, and the experiment's ref to the git remote ``origin
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ssd.util.files import LockHeld, exclusive_lock
+
 RUNS_DIR = Path(".dvc/tmp/flow-runs")  # under the project; .dvc/tmp is ignored by git and by DVC
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "ssd flow", "GIT_AUTHOR_EMAIL": "ssd-flow@localhost",
+                "GIT_COMMITTER_NAME": "ssd flow", "GIT_COMMITTER_EMAIL": "ssd-flow@localhost"}
 GIT_REMOTE = "origin"
 
 
@@ -32,39 +37,58 @@ def experiment_name(flow_run_name: str) -> str:
 
 @contextmanager
 def run_workspace(project: Path, name: str, log: Callable[[str], None] = print) -> Iterator[Path]:
-    """A fresh worktree of ``project`` at its ``HEAD`` for the run ``name``; removed on the way out."""
-    prune(project)
+    """A fresh worktree of ``project`` at its ``HEAD`` for the run ``name``; removed on the way out.
+
+    The run holds ``<name>.lock`` beside it while it lives; a cancelled or killed run cannot remove
+    its worktree, and the next run does (any whose lock nobody holds).
+    """
+    remove_abandoned(project)
     path = project / RUNS_DIR / name
-    if path.exists():  # a run of the same name that was killed before it could clean up
-        _remove(project, path)
-    _run(["git", "worktree", "add", "--detach", str(path), "HEAD"], project)
-    try:
-        _share_dvc(project, path)
-        # The outputs HEAD's dvc.lock names, from the shared cache: unchanged stages stay skipped.
-        _run([sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"], path, check=False)
-        log(f"workspace: {path} (git worktree at HEAD)")
-        yield path
-    finally:
-        _remove(project, path)
+    with exclusive_lock(path.with_suffix(".lock")):
+        if path.exists():
+            _remove(project, path)
+        _run(["git", "worktree", "add", "--detach", str(path), "HEAD"], project)
+        try:
+            yield _prepared(project, path, log)
+        finally:
+            _remove(project, path)
+
+
+def _prepared(project: Path, path: Path, log: Callable[[str], None]) -> Path:
+    _share_dvc(project, path)
+    # The outputs HEAD's dvc.lock names, from the shared cache: unchanged stages stay skipped.
+    _run([sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"], path, check=False)
+    log(f"workspace: {path} (git worktree at HEAD)")
+    return path
 
 
 def publish(workspace: Path, name: str, log: Callable[[str], None] = print) -> dict[str, object]:
-    """Save the workspace as the DVC experiment ``name``; push its data and, with a git remote, its ref."""
-    _run([sys.executable, "-m", "dvc", "exp", "save", "--force", "--name", name], workspace)
-    rev = _run(["git", "rev-parse", f"refs/exps/{_exp_ref(workspace, name)}"], workspace).strip() \
-        if _exp_ref(workspace, name) else None
-    pushed_data = _has_dvc_remote(workspace) and \
-        _run([sys.executable, "-m", "dvc", "push", "--quiet"], workspace, check=False) is not None
-    remotes = _run(["git", "remote"], workspace).split()
-    pushed_ref = GIT_REMOTE in remotes and _run(
-        [sys.executable, "-m", "dvc", "exp", "push", GIT_REMOTE, name], workspace, check=False) is not None
-    log(f"experiment {name} saved" + (f", ref pushed to {GIT_REMOTE}" if pushed_ref else ""))
-    return {"experiment": name, "rev": rev, "data_pushed": bool(pushed_data), "ref_pushed": bool(pushed_ref)}
+    """Save the workspace as the DVC experiment ``name``; push its data and model to the DVC remote
+    and, when the repository has the git remote ``origin``, the experiment's ref (``dvc exp push``)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "exp", "save", "--force", "--name", name], workspace, env=_git_identity(workspace))
+    rev = _run(["git", "rev-parse", f"{_exp_ref(workspace, name)}^{{commit}}"], workspace).strip()
+    data_pushed = _has_dvc_remote(workspace) and _run([*dvc, "push", "--quiet"], workspace, check=False) is not None
+    ref_pushed = GIT_REMOTE in _run(["git", "remote"], workspace).split() and \
+        _run([*dvc, "exp", "push", GIT_REMOTE, name], workspace, check=False) is not None
+    log(f"DVC experiment {name} saved ({rev[:7]})" + (f", pushed to {GIT_REMOTE}" if ref_pushed else ""))
+    return {"experiment": name, "rev": rev, "data_pushed": data_pushed, "ref_pushed": ref_pushed}
 
 
-def prune(project: Path) -> None:
-    """Forget worktrees whose folders are gone (a run killed before its cleanup ran)."""
+def remove_abandoned(project: Path) -> list[Path]:
+    """Remove the workspaces of runs that ended without cleaning up (their lock is free); returns them."""
+    removed = []
+    for lock in sorted((project / RUNS_DIR).glob("*.lock")):
+        try:
+            with exclusive_lock(lock):
+                if lock.with_suffix("").exists():
+                    _remove(project, lock.with_suffix(""))
+                    removed.append(lock.with_suffix(""))
+            lock.unlink(missing_ok=True)
+        except LockHeld:  # a live run's
+            continue
     _run(["git", "worktree", "prune"], project, check=False)
+    return removed
 
 
 def _share_dvc(project: Path, workspace: Path) -> None:
@@ -90,22 +114,27 @@ def _has_dvc_remote(workspace: Path) -> bool:
         return bool(repo.config["core"].get("remote"))
 
 
-def _exp_ref(workspace: Path, name: str) -> str | None:
-    """The experiment's ref under ``refs/exps/`` (DVC files it by base commit), or None."""
+def _exp_ref(workspace: Path, name: str) -> str:
+    """The experiment's git ref (DVC files it under ``refs/exps/`` by its base commit)."""
     refs = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], workspace).split()
-    found = [r for r in refs if r.rsplit("/", 1)[-1] == name]
-    return found[-1].removeprefix("refs/exps/") if found else None
+    return next(r for r in refs if r.rsplit("/", 1)[-1] == name)
+
+
+def _git_identity(workspace: Path) -> dict[str, str]:
+    """The environment for a commit: the machine's git identity, or the flow's own where none is set."""
+    configured = _run(["git", "config", "user.email"], workspace, check=False)
+    return dict(os.environ) if configured else {**GIT_IDENTITY, **os.environ}
 
 
 def _remove(project: Path, path: Path) -> None:
     _run(["git", "worktree", "remove", "--force", str(path)], project, check=False)
     shutil.rmtree(path, ignore_errors=True)
-    prune(project)
+    _run(["git", "worktree", "prune"], project, check=False)
 
 
-def _run(command: list[str], cwd: Path, check: bool = True) -> str | None:
+def _run(command: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> str | None:
     """``command``'s stdout; with ``check``, a failure raises naming the command and its stderr."""
-    run = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    run = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         if check:
             raise RuntimeError(f"{' '.join(command[:4])} failed in {cwd}: {run.stderr.strip()[-2000:]}")
