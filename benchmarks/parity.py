@@ -38,11 +38,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def train_and_score(root: Path, *, image_size: int, epochs: int, precision: str, channels_last: bool,
                     seed: int = 0, nudge: bool = False) -> dict[str, Any]:
+    from ssd.core.model import TinySSD
     from ssd.data.dataset import load_dataset, make_loader
     from ssd.engine.evaluation import run_model
     from ssd.engine.metrics import MAX_DETECTIONS, coco_map
-    from ssd.core.model import TinySSD
-    from ssd.engine.loop import AUTOCAST_DTYPES, resolve_precision, train_one_epoch
+    from ssd.engine.loop import train_one_epoch
+    from ssd.engine.precision import AUTOCAST_DTYPES, resolve_precision
 
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)

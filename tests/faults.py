@@ -1,4 +1,4 @@
-"""``ssd train`` with test faults, installed through ``ssd.engine.loop.register_step_hook``.
+"""``ssd train`` with test faults, installed through ``ssd.engine.step.register_step_hook``.
 
 The shipped training loop holds no fault code: tests run this script instead of ``ssd train``,
 alone or under torchrun, with the fault in ``SSD_TEST_FAULT``:
@@ -25,7 +25,7 @@ import torch
 
 from ssd.engine import distributed
 from ssd.cli import main as cli_main
-from ssd.engine.loop import TrainStep, register_step_hook
+from ssd.engine.step import TrainStep, register_step_hook
 
 
 def fault_hook(spec: str):

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-SCHEDULES = ("constant", "cosine")
+from ssd.util.settings import LR_SCHEDULES
 
 
 def lr_factor(kind: str, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
@@ -23,8 +23,8 @@ def lr_factor(kind: str, total_steps: int, warmup_steps: int = 0) -> Callable[[i
 
     Raises ``ValueError`` naming a bad ``kind`` or step count.
     """
-    if kind not in SCHEDULES:
-        raise ValueError(f"train.lr_schedule={kind!r}: expected one of {', '.join(SCHEDULES)}")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule={kind!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"lr schedule: need 0 <= warm-up steps ({warmup_steps}) <= total steps ({total_steps}) "
                          f"and total >= 1 (train.warmup_epochs must not exceed train.epochs)")

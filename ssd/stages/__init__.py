@@ -2,6 +2,6 @@
 
 Each module has ``add_arguments(parser)`` and ``run(args) -> int``; ``ssd.cli`` maps a command to
 its module. A stage module declares the params its command reads (``PARAMS``; ``dvc.yaml`` lists
-the same keys, ``tests/test_dvc_deps.py`` compares), loads them with :func:`common.load`, and calls
+the same keys, ``tests/pipeline/test_dvc_deps.py`` compares), loads them with :func:`common.settings`, and calls
 the layers below with typed settings and paths.
 """

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Iterable
+from typing import Iterable
 
-from ssd.util.params import DEFAULT_PARAMS, load_params, load_settings, select_params
+from ssd.util.params import DEFAULT_PARAMS, load_settings
 from ssd.util.settings import Settings
 
 
@@ -12,11 +12,6 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: %(default)s)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this run, like `dvc exp run -S` (repeatable)")
-
-
-def load(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
-    """The params file named by ``args`` with its overrides, checked, narrowed to ``keys``."""
-    return select_params(load_params(args.params, args.set), keys)
 
 
 def settings(args: argparse.Namespace, keys: Iterable[str]) -> Settings:

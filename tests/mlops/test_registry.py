@@ -19,7 +19,7 @@ from ssd.util.params import load_settings
 from servers import FaultyProxy, dead_port
 from tiny_data import write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "tinyssd-registry-test"
 
 

@@ -19,7 +19,7 @@ from ssd.mlops.tracking import write_run_file
 from ssd.stages.evaluate import evaluate
 from ssd.util.params import load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Two images, one banana each (pixel boxes).
 TRUTH = [torch.tensor([[0, 10, 10, 50, 50.]]), torch.tensor([[0, 100, 100, 150, 160.]])]

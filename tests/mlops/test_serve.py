@@ -23,7 +23,7 @@ from servers import free_port, http_server
 from tiny_data import write_dataset
 from ssd.mlops.tracking import write_run_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "tinyssd-serve-test"
 URI = f"models:/{NAME}@champion"
 

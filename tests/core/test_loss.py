@@ -119,9 +119,11 @@ def host_syncs(monkeypatch):
 
 
 def _training_step(precision: str):
-    """``ssd.engine.loop.train_one_epoch``'s step on a 64x64 batch; returns a closure running one step."""
+    """``ssd.engine.step.train_step`` on a 64x64 batch, added up as an epoch does; returns a closure
+    running one step, and the running metric sums."""
     from ssd.core.model import TinySSD
-    from ssd.engine.loop import AUTOCAST_DTYPES, forward_loss
+    from ssd.engine.precision import AUTOCAST_DTYPES
+    from ssd.engine.step import Tally, train_step
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -131,18 +133,14 @@ def _training_step(precision: str):
     # Fused SGD takes GradScaler's inf check on the device; unfused, `scaler.step` reads it (a sync).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=5e-4, fused=precision == "fp16")
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
-    totals = torch.zeros(6, dtype=torch.float64)
+    tally = Tally(torch.device("cpu"))
 
     def step() -> None:
-        loss, stats = forward_loss(model, images, labels, autocast_dtype=AUTOCAST_DTYPES[precision],
-                                   channels_last=True)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        totals.add_(stats)
+        loss, stats = train_step(model, optimizer, scaler, images, labels, autocast_dtype=AUTOCAST_DTYPES[precision],
+                                 channels_last=True)
+        tally.add(1, loss, stats)
 
-    return step, totals
+    return step, tally.sums
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

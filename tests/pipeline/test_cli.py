@@ -12,7 +12,7 @@ from servers import dead_port
 from ssd.cli import COMMANDS, EXIT_STATUS_ENV
 from tiny_data import write_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ssd(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:

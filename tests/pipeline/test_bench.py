@@ -13,7 +13,7 @@ from benchmarks import seed as book
 from benchmarks.bench import bench_dvc_repro, realistic_scores
 from ssd.core.model import TinySSD
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 

@@ -174,8 +174,8 @@ def test_transient_server_errors_are_retried(good, tmp_path):
 
 
 def test_cli_exits_nonzero_with_message(good, tmp_path):
-    (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     run = subprocess.run([sys.executable, "-m", "ssd", "fetch", "--source", str(good), "--sha1", "b" * 40,
                           "--out", "raw"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert run.returncode == 1 and "SHA-1 mismatch" in run.stderr and not (tmp_path / "raw").exists()

@@ -150,7 +150,7 @@ def test_photos_of_any_size_and_mode_pass_when_not_strict(data, tmp_path):
 def test_cli_exits_nonzero_and_writes_nothing(data, tmp_path):
     _damage("grey image", data)
     _damage("duplicate row", data)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
     env = {**os.environ, "PYTHONPATH": str(root)}
     run = subprocess.run([sys.executable, "-m", "ssd", "validate", "--data", str(data), "--out", "reports",

@@ -49,12 +49,12 @@ def test_bad_start_keeps_every_checkpoint_and_makes_no_run(trained, mlflow_serve
 def test_new_run_replaces_old_checkpoints_only_after_its_first_epoch(trained, mlflow_server, monkeypatch):
     before = _checkpoints(trained)
     # A fresh run (other params) that fails in its first epoch: the old run's checkpoints all stay.
-    monkeypatch.setattr("ssd.engine.loop._step_hooks", [fault_hook("nan@1:1")])
+    monkeypatch.setattr("ssd.engine.step._step_hooks", [fault_hook("nan@1:1")])
     with pytest.warns(UserWarning, match="different params; starting fresh"):
         assert cli_main(["train", "-S", "train.lr=0.1"]) == 1
     assert _checkpoints(trained) == before
     # The same fresh run, once it has finished its first epoch, owns the folder.
-    monkeypatch.setattr("ssd.engine.loop._step_hooks", [])
+    monkeypatch.setattr("ssd.engine.step._step_hooks", [])
     with pytest.warns(UserWarning, match="different params; starting fresh"):
         assert cli_main(["train", "-S", "train.lr=0.1", "-S", "train.epochs=1"]) == 0
     after = _checkpoints(trained)

@@ -26,7 +26,7 @@ from flows.stage_runner import StageFailed
 from project_copy import copy_project
 from servers import dead_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Tiny but complete: 16 train / 8 val images of 160 px (the generator's minimum is 150; validate wants
 # data.image_size to be the images' size), one epoch of two batches.
 TINY = ["data.image_size=160", "train.epochs=1", "train.batch_size=8", "train.compile=false",

@@ -30,7 +30,7 @@ from ssd.data.synthetic import generate_archive
 from ssd.util.settings import DataSettings, Settings
 from test_flows import TINY, make_project, prefect_api  # noqa: F401 (a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def params(**data) -> DataSettings:

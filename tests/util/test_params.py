@@ -11,7 +11,7 @@ from ssd.cli import COMMANDS
 from ssd.cli import main as cli_main
 from ssd.util.params import SCHEMA, apply_overrides, check_params, load_params, parse_yaml, select_params
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PARAMS = ROOT / "params.yaml"
 STAGES = ("source", "fetch", "validate", "train", "evaluate", "register")
 

@@ -16,7 +16,7 @@ from ssd.engine.prediction import predict_files
 from ssd.mlops.models import is_model_uri
 from ssd.mlops.pyfunc import OUTPUT_COLUMNS, TinySSDModel, encode_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

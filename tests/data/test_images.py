@@ -26,7 +26,7 @@ from ssd.engine.prediction import predict_files
 from ssd.data.checks import run_validation
 from tiny_data import write_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = "img_name,label,xmin,ymin,xmax,ymax\n"
 
 # The displayed (upright) picture: 60 wide, 100 tall, dark, with a bright box at x 10..30, y 60..90.

@@ -15,7 +15,9 @@ import torch.multiprocessing as mp
 
 from ssd.engine import distributed
 from ssd.core.model import TinySSD
-from ssd.engine.loop import cpu_has_fast_bf16, forward_loss, resolve_precision, rng_state, set_rng_state
+from ssd.engine.checkpoint import rng_state, set_rng_state
+from ssd.engine.precision import cpu_has_fast_bf16, resolve_precision
+from ssd.engine.step import forward_loss
 from servers import free_port
 from tiny_data import FAULTS, make_project, torchrun, train_env
 

@@ -6,86 +6,28 @@ included (read with ``ast``, nothing is imported). The stage must list exactly t
 
 Params: the module declares the keys its stage reads (``<COMMAND>_PARAMS``, else ``PARAMS``: a
 tuple of sections like ``"train"`` or keys like ``"data.image_size"``) and the stage's code reads
-``ssd.util.params.select_params(params, PARAMS)``, so a read outside the declaration fails in the
+``ssd.stages.common.settings(args, PARAMS)``, so a read outside the declaration fails in the
 stage's own tests. Here the declaration must match the stage's ``params:`` in dvc.yaml.
 """
 from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
+from code_graph import PACKAGE, ROOT, code_deps, module_file, package_imports
 from ssd.cli import COMMANDS
 from ssd.util.params import SCHEMA
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "ssd"
 STAGES: dict = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-# Entry shims every command passes through; they hold no logic (test_shims_import_only_the_cli).
-SHIMS = {"ssd/__init__.py", "ssd/__main__.py"}
 
-
-# ----------------------------------------------------------------------------------------------
-# what the code says
 
 def stage_command(cmd: str) -> str | None:
     """The ``ssd`` subcommand a stage's ``cmd`` runs, or None."""
     match = re.search(r"(?:^|\s)ssd\s+([a-z]+)\b", cmd)
     return match.group(1) if match else None
-
-
-def module_file(module: str) -> Path | None:
-    """``ssd.x`` -> ``ssd/x.py`` (or a subpackage's ``__init__.py``); None outside the package."""
-    if module != PACKAGE and not module.startswith(PACKAGE + "."):
-        return None
-    base = ROOT.joinpath(*module.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under ``if TYPE_CHECKING:`` (never imported at run time)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
-def package_imports(module: str) -> set[str]:
-    """The package modules that ``module``'s source imports anywhere (functions included)."""
-    path = module_file(module)
-    is_package = path.name == "__init__.py"
-    found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from the module's package, `level - 1` packages up
-                parts = module.split(".")[: len(module.split(".")) - node.level + is_package]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            for alias in node.names:  # `from ssd import x` imports the module ssd.x
-                found.add(f"{base}.{alias.name}" if module_file(f"{base}.{alias.name}") else base)
-    return {m for m in found if module_file(m) is not None}
-
-
-def code_deps(module: str) -> set[str]:
-    """``module`` and everything in the package it imports, transitively, as repository paths."""
-    seen, todo = set(), [module]
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo.extend(package_imports(current) - seen)
-    return {module_file(m).relative_to(ROOT).as_posix() for m in seen} - SHIMS
 
 
 def declared_params(command: str) -> tuple[str, ...] | None:

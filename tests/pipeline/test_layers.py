@@ -3,7 +3,7 @@
     util < core < data < engine < mlops < stages < cli
 
 Read from the source with ``ast`` (function-level imports included; nothing is imported), as
-``tests/test_dvc_deps.py`` reads a stage's dependencies.
+``tests/pipeline/test_dvc_deps.py`` reads a stage's dependencies.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from test_dvc_deps import ROOT, package_imports
+from code_graph import ROOT, package_imports
 
 FLOORS = ("util", "core", "data", "engine", "mlops", "stages", "cli")
 

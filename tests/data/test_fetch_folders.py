@@ -22,7 +22,7 @@ from ssd.data.workdir import _host, _process_start, remove_leftovers, work_prefi
 from ssd.util.settings import DataSettings, Settings
 from tiny_data import write_dataset, write_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def data_settings(**data) -> DataSettings:

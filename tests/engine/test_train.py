@@ -12,7 +12,10 @@ import torch
 from ssd.cli import main as cli_main
 from ssd.core.model import load_model
 from ssd.data.dataset import load_dataset, make_loader
-from ssd.engine.loop import data_fingerprint, keep_on_device, register_step_hook, resolve_precision, resume_key
+from ssd.engine.checkpoint import data_fingerprint, resume_key
+from ssd.engine.precision import resolve_precision
+from ssd.engine.setup import keep_on_device
+from ssd.engine.step import register_step_hook
 from faults import fault_hook
 from tiny_data import FAULTS, make_project, train_env, write_dataset
 
@@ -106,7 +109,7 @@ def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tm
     project = make_project(tmp_path / "p")
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setattr("ssd.engine.loop._step_hooks", [fault_hook("nan@2:1")])
+    monkeypatch.setattr("ssd.engine.step._step_hooks", [fault_hook("nan@2:1")])
     monkeypatch.setenv("SSD_DEBUG", "1")  # let the CLI re-raise instead of printing
     with pytest.raises(RuntimeError, match=r"non-finite loss at epoch 2 step 1.*epoch_0001\.pt"):
         cli_main(["train"])
@@ -140,7 +143,7 @@ def test_precision_and_resume_key():
 
 
 def test_step_hooks_see_every_step_until_removed(tmp_path, monkeypatch, mlflow_server):
-    from ssd.engine import loop
+    from ssd.engine import step
 
     project = make_project(tmp_path / "p", images=8, batch_size=4)
     monkeypatch.chdir(project)
@@ -152,7 +155,18 @@ def test_step_hooks_see_every_step_until_removed(tmp_path, monkeypatch, mlflow_s
     finally:
         remove()
     remove()  # twice is harmless
-    assert seen == [(1, 1, 4, 0), (1, 2, 4, 0), (2, 1, 4, 0), (2, 2, 4, 0)] and loop._step_hooks == []
+    assert seen == [(1, 1, 4, 0), (1, 2, 4, 0), (2, 1, 4, 0), (2, 2, 4, 0)] and step._step_hooks == []
+
+
+def test_code_fingerprint_covers_the_training_code():
+    from ssd.engine.checkpoint import CODE_MODULES
+    from code_graph import code_deps
+
+    training = {p for p in code_deps("ssd.engine.loop") if p.startswith(("ssd/core/", "ssd/engine/"))}
+    covered = {name.replace(".", "/") + ".py" for name in CODE_MODULES}
+    # Process plumbing and reports change neither the weights nor what a checkpoint holds.
+    assert training - covered == {"ssd/engine/distributed.py", "ssd/engine/history.py"}
+    assert "ssd/data/dataset.py" in covered
 
 
 def test_data_fingerprint_tracks_labels(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from ssd.util.params import load_params, load_settings
 from ssd.util.settings import NMS_MODES, PRECISIONS, SCHEMA, Settings, TrainSettings
 
-PARAMS_FILE = Path(__file__).resolve().parent.parent / "params.yaml"
+PARAMS_FILE = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 def test_every_key_of_the_file_is_a_typed_field():

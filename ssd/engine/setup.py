@@ -1,0 +1,131 @@
+"""What one training process works with, built from the typed settings before any file is touched."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssd.core.boxes import check_boxes
+from ssd.core.model import TinySSD
+from ssd.core.schedule import lr_factor
+from ssd.data.dataset import DetectionDataset, load_dataset, make_loader
+from ssd.engine import distributed as dist
+from ssd.engine.checkpoint import data_fingerprint
+from ssd.engine.precision import resolve_precision
+from ssd.util.settings import DataSettings, ModelSettings, Settings, TrainSettings
+
+
+@dataclass
+class Setup:
+    """What one process trains with."""
+    info: dist.DistInfo
+    train: TrainSettings
+    seed: int                # base.seed
+    params: dict[str, Any]   # the settings as plain values: what checkpoints and the model file record
+    precision: str           # train.precision resolved on this device
+    dataset: DetectionDataset
+    fingerprint: str         # data_fingerprint(dataset)
+    model: TinySSD
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: torch.utils.data.DataLoader
+
+
+def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
+    """Data, model, optimizer and loader for this process, with the settings' seed and precision.
+
+    ``settings``: the train stage's (``base``, ``model``, ``train`` and ``data.classes``,
+    ``data.image_size``, ``data.max_image_pixels``); ``data``: the dataset root.
+    """
+    train, seed, device = settings.train, settings.base.seed, info.device
+    if train.batch_size % info.world_size:
+        raise ValueError(f"train.batch_size={train.batch_size} is the global batch and must divide evenly "
+                         f"over {info.world_size} processes")
+    precision = resolve_precision(train.precision, device)
+    lr_factor(train.lr_schedule, train.epochs, train.warmup_epochs)  # refused before any file is touched
+    _seed_everything(seed, train.deterministic)
+    dataset = load_dataset(data, "train", settings.data.image_size, settings.data.classes,
+                           settings.data.max_image_pixels)
+    check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
+    model = make_model(settings.model, settings.data, train.channels_last, device)
+    # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                                weight_decay=train.weight_decay, fused=device.type == "cuda")
+    fingerprint = data_fingerprint(dataset)
+    return Setup(info=info, train=train, seed=seed, params=settings.as_dict(), precision=precision,
+                 dataset=dataset, fingerprint=fingerprint, model=model, optimizer=optimizer,
+                 scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                 loader=_loader(dataset, train, seed, info))
+
+
+def make_model(model: ModelSettings, data: DataSettings, channels_last: bool, device: torch.device) -> TinySSD:
+    """A fresh TinySSD for ``data.classes`` at ``data.image_size`` (weights from torch's RNG)."""
+    net = TinySSD(num_classes=len(data.classes), sizes=model.sizes, ratios=model.ratios, classes=data.classes,
+                  image_size=data.image_size).to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def _loader(dataset: DetectionDataset, train: TrainSettings, seed: int, info: dist.DistInfo
+            ) -> torch.utils.data.DataLoader:
+    """This rank's shard of every epoch, ``train.batch_size / world_size`` per step."""
+    device = info.device
+    resident = keep_on_device(dataset, device, train.num_workers)
+    return make_loader(dataset, train.batch_size // info.world_size, shuffle=True, seed=seed, rank=info.rank,
+                       world_size=info.world_size, num_workers=train.num_workers,
+                       pin_memory=device.type == "cuda" and not resident)
+
+
+def keep_on_device(dataset: DetectionDataset, device: torch.device, num_workers: int,
+                   max_share: float = 0.25) -> bool:
+    """Move the uint8 split onto a GPU when it fits in ``max_share`` of its free memory, so that no
+    training step copies images from the host; returns whether it moved. DataLoader workers cannot
+    hand out CUDA tensors, so ``num_workers > 0`` keeps it on the host."""
+    if device.type != "cuda" or num_workers > 0:
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    if dataset.images.nbytes + dataset.labels.nbytes > max_share * free:
+        return False
+    dataset.to(device)
+    return True
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    # The same seed on every rank: identical initial weights, and the sampler shards by rank itself.
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def parallel(model: nn.Module, info: dist.DistInfo, compile: bool) -> nn.Module:
+    """The module the loop calls: DDP across processes, then compiled (DDP's documented order)."""
+    net = model
+    if info.world_size > 1:
+        device = info.device
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(net) if compile else net
+
+
+def run_tags(setup: Setup) -> dict[str, str]:
+    """Where and how this run trains, as strings (the MLflow run's tags)."""
+    device = setup.info.device
+    return {"device": str(device), "device_name": _device_name(device), "world_size": str(setup.info.world_size),
+            "nnodes": os.environ.get("GROUP_WORLD_SIZE", "1"), "precision": setup.precision,
+            "train.epochs": str(setup.train.epochs)}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
