@@ -10,6 +10,8 @@ runs at once keep their own params. The run's params overrides are written into 
 and ``source`` are shorthands for ``train.nproc`` and ``data.source``. At the end the workspace is
 saved as a DVC experiment named after the flow run (params, ``dvc.lock``, metrics, plots), its data
 and model are pushed to the DVC remote and its ref to the git remote ``origin`` when there is one.
+A run whose params equal an earlier experiment's on the same commit continues from that one (its
+``dvc.lock`` and outputs), so unchanged stages are skipped and training resumes from checkpoints.
 
 Each task runs ``dvc repro --single-item <stage>`` in the workspace (``flows.stage_runner``), so the
 flow executes exactly the commands of ``dvc.yaml``: an unchanged stage is skipped and no stage logic
@@ -43,7 +45,7 @@ from prefect.tasks import exponential_backoff
 from flows.params_file import flow_overrides, write_params
 from flows.stage_runner import TransientStageFailure, run_stage
 from flows.summary import collect_results, summary_markdown
-from flows.workspace import experiment_name, publish, run_workspace
+from flows.workspace import continue_from_experiment, experiment_name, publish, run_workspace
 from ssd.data.source import fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.data.layout import RAW_DIR, SOURCE_FILE
 
@@ -125,9 +127,10 @@ def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = Non
     with run_workspace(project, name, logger.info) as workspace:
         changed = write_params(workspace / "params.yaml", flow_overrides(overrides, nproc, source))
         logger.info("params.yaml (this run's workspace): %s", ", ".join(changed) or "unchanged")
+        continue_from_experiment(workspace, logger.info)
         outcomes, data = _run_stages(workspace, stage_environment(project, name), fetch_backoff_s)
         results = collect_results(workspace)
-        experiment = publish(workspace, name, logger.info)
+        experiment = publish(workspace, name, ("source", *outcomes), logger.info)
     create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed, data, experiment),
                              key=ARTIFACT_KEY,
                              description="TinySSD retraining: data, metrics, model version, champion decision")

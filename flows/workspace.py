@@ -17,9 +17,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from ssd.util.files import LockHeld, exclusive_lock
 
@@ -62,17 +63,47 @@ def _prepared(project: Path, path: Path, log: Callable[[str], None]) -> Path:
     return path
 
 
-def publish(workspace: Path, name: str, log: Callable[[str], None] = print) -> dict[str, object]:
-    """Save the workspace as the DVC experiment ``name``; push its data and model to the DVC remote
-    and, when the repository has the git remote ``origin``, the experiment's ref (``dvc exp push``)."""
+def publish(workspace: Path, name: str, stages: Sequence[str], log: Callable[[str], None] = print) -> dict[str, object]:
+    """Save the workspace, with the outputs of ``stages``, as the DVC experiment ``name``; push its data
+    and model to the DVC remote and, when the repository has the git remote ``origin``, the
+    experiment's ref (``dvc exp push``)."""
     dvc = [sys.executable, "-m", "dvc"]
-    _run([*dvc, "exp", "save", "--force", "--name", name], workspace, env=_git_identity(workspace))
+    # New small outputs that git keeps (cache: false in dvc.yaml) are not tracked yet: name them.
+    new_files = _run(["git", "ls-files", "--others", "--exclude-standard", "-z"], workspace).split("\0")
+    include = [arg for path in filter(None, new_files) for arg in ("--include-untracked", path)]
+    with _repository_lock(workspace):  # DVC's experiment refs live in the one git directory all worktrees share
+        _run([*dvc, "exp", "save", "--force", "--name", name, *include, *stages], workspace,
+             env=_git_identity(workspace))
     rev = _run(["git", "rev-parse", f"{_exp_ref(workspace, name)}^{{commit}}"], workspace).strip()
     data_pushed = _has_dvc_remote(workspace) and _run([*dvc, "push", "--quiet"], workspace, check=False) is not None
     ref_pushed = GIT_REMOTE in _run(["git", "remote"], workspace).split() and \
         _run([*dvc, "exp", "push", GIT_REMOTE, name], workspace, check=False) is not None
     log(f"DVC experiment {name} saved ({rev[:7]})" + (f", pushed to {GIT_REMOTE}" if ref_pushed else ""))
     return {"experiment": name, "rev": rev, "data_pushed": data_pushed, "ref_pushed": ref_pushed}
+
+
+def continue_from_experiment(workspace: Path, log: Callable[[str], None] = print) -> str | None:
+    """Continue from the newest experiment on this ``HEAD`` whose ``params.yaml`` equals the workspace's.
+
+    Its tracked files (``dvc.lock``, small reports) and its outputs from the shared cache make the
+    workspace what that run left, so stages with unchanged inputs are skipped and training resumes
+    from its checkpoints, as ``dvc repro`` in one long-lived checkout would. Returns the experiment's
+    name, or None (then the stages start from ``HEAD``'s ``dvc.lock``; DVC's run cache still
+    restores what it can).
+    """
+    head = _run(["git", "rev-parse", "HEAD"], workspace).strip()
+    refs = _run(["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)",
+                 f"refs/exps/{head[:2]}/{head[2:]}/"], workspace).split()
+    params = (workspace / "params.yaml").read_text()
+    for ref in refs:
+        if _run(["git", "show", f"{ref}:params.yaml"], workspace, check=False) == params:
+            _run(["git", "checkout", ref, "--", "."], workspace)
+            _run(["git", "reset", "-q"], workspace)  # the files stay; the index goes back to HEAD
+            _run([sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"], workspace, check=False)
+            name = ref.rsplit("/", 1)[-1]
+            log(f"continuing from DVC experiment {name} (same params on this commit)")
+            return name
+    return None
 
 
 def remove_abandoned(project: Path) -> list[Path]:
@@ -118,6 +149,22 @@ def _exp_ref(workspace: Path, name: str) -> str:
     """The experiment's git ref (DVC files it under ``refs/exps/`` by its base commit)."""
     refs = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], workspace).split()
     return next(r for r in refs if r.rsplit("/", 1)[-1] == name)
+
+
+@contextmanager
+def _repository_lock(workspace: Path, wait_s: float = 600.0) -> Iterator[None]:
+    """Wait for, then hold, the lock that serialises experiment saves of one repository."""
+    common = Path(_run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], workspace).strip())
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with exclusive_lock(common / "ssd-exp-save.lock"):
+                yield
+            return
+        except LockHeld:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _git_identity(workspace: Path) -> dict[str, str]:

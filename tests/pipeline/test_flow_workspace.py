@@ -24,6 +24,7 @@ SMALL = ["data.source=synthetic", "data.synthetic.train=4", "data.synthetic.val=
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     root = copy_project(tmp_path / "project")
+    (root / "dvc.lock").unlink()  # these runs reproduce fetch and validate only: a lock naming no other stage
     env = project_env(root, tmp_path)
     git_init(root, env)
     for key in ("PYTHONPATH", "DVC_SITE_CACHE_DIR", "DVC_NO_ANALYTICS"):
@@ -40,18 +41,19 @@ def validate_in_workspace(project, name: str, seed: int) -> dict:
     with run_workspace(project, name, log=lambda line: None) as ws:
         write_params(ws / "params.yaml", SMALL + [f"data.synthetic.seed={seed}"])
         outcomes = {s: run_stage(s, ws, log=lambda line: None) for s in ("fetch", "validate")}
-        return {"outcomes": outcomes, "published": publish(ws, name, log=lambda line: None), "workspace": ws}
+        published = publish(ws, name, ("source", *outcomes), log=lambda line: None)
+        return {"outcomes": outcomes, "published": published, "workspace": ws}
 
 
 def exp_show(root) -> dict[str, dict]:
-    """``dvc exp show --json``: each experiment's name -> its params (params.yaml)."""
+    """``dvc exp show --json``: each experiment's name -> its params.yaml section ``data``."""
     shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
                                       capture_output=True, text=True, check=True).stdout)
     found = {}
     for base in shown:
         for exp in base.get("experiments") or []:
             rev = exp["revs"][0]
-            found[exp.get("name") or rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]
+            found[exp.get("name") or rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]["data"]
     return found
 
 
@@ -84,7 +86,9 @@ def test_a_second_clone_sees_pushed_experiments_and_pulls_their_data(project, tm
     sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path, env=None)
     sh(sys.executable, "-m", "dvc", "exp", "pull", "origin", "weekly-1", cwd=clone, env=None)
     assert exp_show(clone)["weekly-1"]["synthetic"]["seed"] == 3
-    sh(sys.executable, "-m", "dvc", "exp", "apply", "weekly-1", cwd=clone, env=None)
+    # docs/orchestration.md's recipe: the experiment as a branch, then its data from the DVC remote
+    sh(sys.executable, "-m", "dvc", "exp", "branch", "weekly-1", "run-weekly-1", cwd=clone, env=None)
+    sh("git", "checkout", "-q", "run-weekly-1", cwd=clone, env=None)
     sh(sys.executable, "-m", "dvc", "pull", "validate", cwd=clone, env=None)
     report = json.loads((clone / "data/reports/validation.json").read_text())
     assert report["splits"]["train"]["images"] == 4
