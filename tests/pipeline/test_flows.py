@@ -242,7 +242,8 @@ def trained(prefect_api, archive_server, tmp_path_factory):
     started = time.monotonic()
     state = run_flow(project_dir=str(project), overrides=TINY, nproc=2, source=archive_server.url("/good.zip"))
     return {"project": project, "state": state, "log": list(archive_server.log), "seconds": time.monotonic() - started,
-            "checkout_before": before}
+            "checkout_before": before, "parameters": {"overrides": TINY, "nproc": 2,
+                                                      "source": archive_server.url("/good.zip")}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +459,7 @@ def test_schedule_fires_served_deployment(prefect_api, archive_server, tmp_path)
     from servers import process_group
 
     project = make_project(tmp_path / "project")
+    before = checkout_state(project)
     cron, due = cron_due_soon()
     command = [sys.executable, "-m", "flows.retrain", "serve", "--name", "daily-test", "--cron", cron,
                "--source", archive_server.url("/good.zip")] + [a for item in TINY for a in ("-S", item)]
@@ -469,14 +471,15 @@ def test_schedule_fires_served_deployment(prefect_api, archive_server, tmp_path)
     markdown = artifact(run.id).data
     assert all(f"| {stage} | ran |" in markdown for stage in rt.STAGES), markdown
     assert "version **1**" in markdown and "**became champion**" in markdown
-    assert (project / "models" / "model.pt").is_file()
+    assert checkout_state(project) == before and experiment_name(run.name) in experiments(project)
 
 
 def test_schedule_fires_on_process_worker(trained, prefect_api, tmp_path):
     """The README's cluster path on a real server: `prefect work-pool create`, `prefect deploy` from
     prefect.yaml and `prefect worker start`. The weekly schedule fills the deployment's upcoming runs
     with Mondays 03:00 UTC; the same file with a cron due in a minute gets its run executed by the
-    worker (in the trained project, where every stage is up to date)."""
+    worker. The deployment's parameters are the trained run's, so that run continues from the trained
+    run's experiment, where every stage is up to date."""
     from servers import process_group
 
     project = trained["project"]
@@ -500,7 +503,8 @@ def test_schedule_fires_on_process_worker(trained, prefect_api, tmp_path):
 
     cron, due = cron_due_soon()
     config = project / "prefect.yaml"
-    config.write_text(config.read_text().replace(f'cron: "{rt.WEEKLY_CRON}"', f'cron: "{cron}"'))
+    text = config.read_text().replace(f'cron: "{rt.WEEKLY_CRON}"', f'cron: "{cron}"')
+    config.write_text(text.replace("parameters: {}", f"parameters: {json.dumps(trained['parameters'])}"))
     prefect("deploy", "--name", rt.DEPLOYMENT_NAME, "--pool", "tinyssd-test", "--no-prompt")
     log_path = tmp_path / "worker.log"
     with process_group([sys.executable, "-m", "prefect", "worker", "start", "--pool", "tinyssd-test"], log_path,
