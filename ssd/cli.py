@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
-from typing import NamedTuple
+import threading
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
-from ssd.util.errors import EXIT_FAILED, EXIT_OK, EXIT_STATUS_ENV, EXIT_TEMPFAIL, exit_code
+from ssd.util.errors import EXIT_FAILED, EXIT_OK, EXIT_STATUS_ENV, EXIT_TEMPFAIL, Interrupted, exit_code
 
 
 class Command(NamedTuple):
@@ -68,7 +71,11 @@ def _main(argv: list[str] | None) -> int:
     args = get_parser(command if command in COMMANDS else None).parse_args(argv)
     stage = importlib.import_module(COMMANDS[args.command].stage)
     try:
-        return int(stage.run(args) or EXIT_OK)
+        with _stop_on_signals():
+            return int(stage.run(args) or EXIT_OK)
+    except Interrupted as exc:
+        print(f"ssd {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:
         code = exit_code(exc)
         if code is None or os.environ.get("SSD_DEBUG"):
@@ -76,6 +83,24 @@ def _main(argv: list[str] | None) -> int:
         kind = "transient error (retry later)" if code == EXIT_TEMPFAIL else "error"
         print(f"ssd {args.command}: {kind}: {exc}", file=sys.stderr)
         return code
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread, so the stage unwinds: its
+    ``finally`` blocks free locks and end its MLflow run. The previous handlers come back after."""
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (a test calling main() elsewhere)
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,21 @@ def mlflow_server(tmp_path_factory):
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with http_server(command, uri + "/health", root / "server.log"):
         yield uri
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted at a folder of ``tmp_path``: a real full disk for the disk-full cases.
+    Mounting needs root (CI and these machines run as root); elsewhere the test is skipped, saying why."""
+    import subprocess
+
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

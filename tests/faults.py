@@ -8,6 +8,7 @@ alone or under torchrun, with the fault in ``SSD_TEST_FAULT``:
     SSD_TEST_FAULT=record@DIR torchrun ... tests/faults.py   # each rank logs its steps to DIR/rank<r>.jsonl
     SSD_TEST_FAULT=rng,kill@2:1 python tests/faults.py       # several: rng scales each loss by a random draw
     SSD_TEST_FAULT=stop@1:1 python tests/faults.py           # SIGSTOP there: a training that holds its lock
+    SSD_TEST_FAULT=term@2:1 python tests/faults.py           # SIGTERM there, as a Cancel or `kill` sends
 
 ``EPOCH:STEP`` count from 1; a third number limits the fault to that rank. Faults fire only in a
 first attempt, so a ``torchrun --max-restarts`` restart runs clean. Other arguments go to ``ssd train``.
@@ -36,14 +37,16 @@ def fault_hook(spec: str):
     if kind == "record":
         return _recorder(Path(where))
     epoch, step, *rank = (int(p) for p in where.split(":"))
-    if kind not in ("nan", "kill", "stop"):
-        raise ValueError(f"SSD_TEST_FAULT={spec!r}: expected nan@E:S[:RANK], kill@E:S[:RANK], rng or record@DIR")
+    signals = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
+    if kind not in ("nan", *signals):
+        raise ValueError(f"SSD_TEST_FAULT={spec!r}: expected nan@E:S[:RANK], kill|stop|term@E:S[:RANK], rng "
+                         "or record@DIR")
 
     def hook(s: TrainStep) -> torch.Tensor | None:
         if (s.epoch, s.step) != (epoch, step) or rank not in ([], [distributed.get_rank()]):
             return None
-        if kind in ("kill", "stop"):
-            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+        if kind in signals:
+            os.kill(os.getpid(), signals[kind])
             return None
         return s.loss * float("nan")
 

@@ -85,12 +85,21 @@ def _assign_batched(ground_truth: torch.Tensor, valid: torch.Tensor, anchors: to
     # 1. Every anchor takes its best box if that IoU reaches the threshold (the first box on ties).
     max_ious, indices = torch.max(jaccard, dim=1)
     anchors_bbox_map = torch.where(max_ious >= iou_threshold, indices, anchors_bbox_map)
+    # 2. Greedily, each box takes the anchor it overlaps most.
+    return _greedy_assign(jaccard, valid, anchors_bbox_map)
 
-    # 2. Greedily, each box takes the anchor it overlaps most: the largest IoU left in the
-    # [anchor, box] matrix, first in row-major order on ties; then that anchor's row and that
-    # box's column are discarded. A box is taken after at most M - 1 anchors were discarded, so it
-    # takes one of its M best anchors (by IoU, then lowest index): the greedy runs on just those
-    # candidate rows, sorted by anchor index so row-major order is the book's.
+
+def _greedy_assign(jaccard: torch.Tensor, valid: torch.Tensor, anchors_bbox_map: torch.Tensor) -> torch.Tensor:
+    """Step 2 of the book's assignment on ``jaccard Tensor[B, M, A]``: each box takes an anchor.
+
+    Greedily, each box takes the anchor it overlaps most: the largest IoU left in the [anchor, box]
+    matrix, first in row-major order on ties; then that anchor's row and that box's column are
+    discarded. A box is taken after at most M - 1 anchors were discarded, so it takes one of its M
+    best anchors (by IoU, then lowest index): the greedy runs on just those candidate rows, sorted
+    by anchor index so row-major order is the book's. Updates and returns ``anchors_bbox_map``.
+    """
+    batch_size, num_boxes, num_anchors = jaccard.shape
+    device = jaccard.device
     candidates = _best_anchors(jaccard, min(num_boxes, num_anchors)).reshape(batch_size, -1)
     candidates = candidates.sort(dim=1).values
     sub = jaccard.gather(2, candidates[:, None, :].expand(-1, num_boxes, -1)).transpose(1, 2).contiguous()
@@ -222,25 +231,42 @@ def multibox_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anch
     predicted_bb = offset_inverse(anchors, offset_preds.reshape(batch_size, num_anchors, 4))
     below = conf < pos_threshold
 
-    # Rank with the book's own sort so ties break the same way (each row of a CPU sort is sorted on
-    # its own, as the book's per-image call does); NMS then gets the rank as a strictly decreasing
-    # stand-in score, so it cannot reorder tied boxes.
-    ranked = torch.argsort(conf, dim=-1, descending=True)
     positions = torch.arange(num_anchors, device=device).expand(batch_size, -1)
-    rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
-    image, anchor = torch.nonzero(~below, as_tuple=True)
-    group = image * (num_classes - 1) + class_id[image, anchor] if per_class else image
-    stand_in = (num_anchors - rank[image, anchor]).float()
-    keep = batched_nms(predicted_bb[image, anchor].float(), stand_in, group, nms_threshold)
-    kept = torch.zeros(batch_size, num_anchors, dtype=torch.bool, device=device)
-    kept[image[keep], anchor[keep]] = True
-
+    groups = (class_id, num_classes - 1) if per_class else None
+    rank, kept = _rank_and_suppress(conf, groups, predicted_bb, ~below, nms_threshold)
     # Kept rows first by rank, then every other row in anchor order.
     order = torch.where(kept, rank, num_anchors + positions).argsort(dim=1)
     class_id = torch.where(kept, class_id, -1)
     conf = torch.where(below, 1 - conf, conf)
     out = torch.cat((class_id.unsqueeze(-1).to(conf.dtype), conf.unsqueeze(-1), predicted_bb.to(conf.dtype)), dim=-1)
     return out.gather(1, order[..., None].expand(-1, -1, 6))
+
+
+def _rank_and_suppress(conf: torch.Tensor, classes: tuple[torch.Tensor, int] | None, boxes: torch.Tensor,
+                       candidate: torch.Tensor, nms_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's rank by decreasing ``conf Tensor[B, A]`` and whether NMS keeps it (``Tensor[B, A]``
+    int64 and bool), over the ``candidate`` rows of ``boxes Tensor[B, A, 4]``; with ``classes``
+    (``class_id Tensor[B, A]``, the number of classes), one NMS per image and class, else one per image.
+
+    Ranked with the book's own sort so ties break the same way (each row of a CPU sort is sorted on
+    its own, as the book's per-image call does); NMS then gets the rank as a strictly decreasing
+    stand-in score, so it cannot reorder tied boxes.
+    """
+    batch_size, num_anchors = conf.shape
+    ranked = torch.argsort(conf, dim=-1, descending=True)
+    positions = torch.arange(num_anchors, device=conf.device).expand(batch_size, -1)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
+    image, anchor = torch.nonzero(candidate, as_tuple=True)
+    if classes is None:
+        group = image
+    else:
+        class_id, num_classes = classes
+        group = image * num_classes + class_id[image, anchor]
+    stand_in = (num_anchors - rank[image, anchor]).float()
+    keep = batched_nms(boxes[image, anchor].float(), stand_in, group, nms_threshold)
+    kept = torch.zeros(batch_size, num_anchors, dtype=torch.bool, device=conf.device)
+    kept[image[keep], anchor[keep]] = True
+    return rank, kept
 
 
 def decode_outputs(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: torch.Tensor,

@@ -2,34 +2,60 @@
 
 ``validate(root, image_size, classes)`` decodes every image of both splits and checks every label
 row: the header, numeric and finite coordinates, ``0 <= xmin < xmax <= width`` (and the same for y),
-the class (an index or a name of ``data.classes``), that the image exists, no duplicate rows, and no
-image without a label. It collects EVERY problem (``"<file> row N: ..."``, N the line number in the
-csv, the header being line 1) and raises one ``ValueError`` listing them all. Only a clean dataset
-gets ``data/reports/validation.json`` (counts, box statistics, ``problems: []``) and
-``data/reports/samples.png`` (images with their boxes); a failed check removes any stale report, so
-downstream DVC stages never see one.
+the class (an index or a name of ``data.classes``), that the image exists in the split's ``images/``
+(an absolute or ``..`` name is refused as naming a path outside it), no duplicate rows, no image
+without a label, and the label file's limits (:class:`LabelLimits`: boxes per image, line length,
+rows). It collects EVERY problem (``"<file> row N: ..."``, N the line number in the csv, the header
+being line 1) and raises one ``ValueError`` listing the first :data:`LISTED_PROBLEMS` and counting
+the rest. Only a clean dataset gets ``data/reports/validation.json`` (counts, box statistics,
+``problems: []``) and ``data/reports/samples.png`` (images with their boxes); a failed check removes
+any stale report, so downstream DVC stages never see one.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
 from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS, open_image, read_rgb
-from ssd.data.labels import class_index, find_split, label_file, read_labels
+from ssd.data.labels import (LabelLimits, class_index, crowded_images, find_split, label_file, name_problem,
+                             read_labels, shorten)
 from ssd.data.layout import IMAGES_DIR, LABEL_COLUMNS, dataset_root
 from ssd.util.files import atomic_dir, atomic_write_json
 
 SPLITS = ("train", "val")
 REPORT, SAMPLES = "validation.json", "samples.png"
 COORDS = ("xmin", "ymin", "xmax", "ymax")
+LISTED_PROBLEMS = 50  # a million bad rows are summarised, not printed
 
 
-def _decode_images(image_dir: Path, image_size: int | None, problems: list[str],
+class Problems:
+    """The problems found so far: all counted, the first :data:`LISTED_PROBLEMS` kept (a million bad
+    rows must not hold a million messages)."""
+
+    def __init__(self) -> None:
+        self.listed: list[str] = []
+        self.count = 0
+
+    def append(self, problem: str) -> None:
+        self.count += 1
+        if len(self.listed) < LISTED_PROBLEMS:
+            self.listed.append(problem)
+
+    def extend(self, problems: Iterable[str]) -> None:
+        for problem in problems:
+            self.append(problem)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _decode_images(image_dir: Path, image_size: int | None, problems: Problems,
                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, tuple[int, int]]:
     """Decode every file in ``image_dir`` as the reader does; returns ``{name: (width, height)}``
     of the readable ones, the size as displayed (EXIF orientation applied): boxes are checked against it.
@@ -65,7 +91,7 @@ Box = tuple[int, float, float, float, float]  # class index, xmin, ymin, xmax, y
 
 def _box_problems(row: Any, values: list[float], size: tuple[int, int]) -> list[str]:
     """What is wrong with a row's coordinates ``values`` in an image of ``size`` (width, height)."""
-    non_finite = [f"{c}={getattr(row, c)!r}" for c, v in zip(COORDS, values) if not math.isfinite(v)]
+    non_finite = [f"{c}={shorten(getattr(row, c))}" for c, v in zip(COORDS, values) if not math.isfinite(v)]
     if non_finite:
         return [f"not finite numbers: {', '.join(non_finite)}"]
     x1, y1, x2, y2 = values
@@ -82,12 +108,12 @@ def _row_problems(row: Any, values: list[float], where: str, image_dir: Path, fi
                   sizes: dict[str, tuple[int, int]], image_size: int,
                   classes: Sequence[str]) -> tuple[list[str], int | None]:
     """Everything wrong with one label row (all of it, not the first), and its class index."""
-    bad = []
     name = row.img_name
-    if not isinstance(name, str) or not name.strip():
-        bad.append("empty img_name")
-    elif name not in files:
-        bad.append(f"image {image_dir / name} does not exist")
+    problem = name_problem(name, image_dir)
+    bad = [problem] if problem else []
+    if not problem and name not in files:
+        shown = name if len(name) <= 120 else shorten(name)  # a cell is quoted, never whole
+        bad.append(f"image {image_dir}{os.sep}{shown} does not exist")
     cls = None
     try:
         cls = class_index(row.label, classes, where)
@@ -98,22 +124,29 @@ def _row_problems(row: Any, values: list[float], where: str, image_dir: Path, fi
     return bad + _box_problems(row, values, size), cls
 
 
+def _first_equal_rows(table: pd.DataFrame) -> np.ndarray:
+    """For each row, the index of the first row equal to it as text (itself when it is the first)."""
+    if table.empty:
+        return np.zeros(0, dtype=np.int64)
+    text = table.astype(str)
+    group = text.groupby(list(text.columns), sort=False, dropna=False).ngroup().to_numpy()
+    _, first = np.unique(group, return_index=True)  # groups are numbered in order of first appearance
+    return first[group]
+
+
 def _check_rows(table: pd.DataFrame, labels_path: Path, image_dir: Path, files: set[str],
                 sizes: dict[str, tuple[int, int]], image_size: int, classes: Sequence[str],
-                problems: list[str]) -> dict[str, list[Box]]:
+                problems: Problems) -> dict[str, list[Box]]:
     """Check every label row, appending to ``problems``; returns the good boxes per image."""
-    numbers = {c: pd.to_numeric(table[c], errors="coerce") for c in COORDS}
-    duplicated = table.astype(str).duplicated(keep="first")
-    first_seen: dict[tuple, int] = {}
+    numbers = np.stack([pd.to_numeric(table[c], errors="coerce").to_numpy(np.float64) for c in COORDS], axis=1)
+    first_of = _first_equal_rows(table)
     boxes: dict[str, list[Box]] = {}
     for i, row in enumerate(table.itertuples(index=False)):
         where = f"{labels_path} row {i + 2}"  # the line in the csv: the header is line 1
-        key = tuple(str(v) for v in row)
-        if duplicated.iloc[i]:
-            problems.append(f"{where}: duplicate of row {first_seen[key]}")
+        if first_of[i] != i:
+            problems.append(f"{where}: duplicate of row {first_of[i] + 2}")
             continue
-        first_seen[key] = i + 2
-        values = [numbers[c].iloc[i] for c in COORDS]
+        values = list(numbers[i])
         bad, cls = _row_problems(row, values, where, image_dir, files, sizes, image_size, classes)
         if bad:
             problems.append(f"{where}: {'; '.join(bad)}")
@@ -141,9 +174,9 @@ def _split_stats(files: set[str], table: pd.DataFrame, boxes: dict[str, list[Box
     }
 
 
-def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: list[str],
-                strict: bool = True,
-                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict[str, Any], dict[str, list[Box]]]:
+def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: Problems,
+                strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                limits: LabelLimits = LabelLimits()) -> tuple[dict[str, Any], dict[str, list[Box]]]:
     """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
     image_dir = split_dir / IMAGES_DIR
     if not image_dir.is_dir():
@@ -153,12 +186,14 @@ def check_split(split_dir: Path, image_size: int, classes: Sequence[str], proble
     files = {p.name for p in image_dir.iterdir() if p.is_file()}
     try:
         labels_path = label_file(split_dir)
-        table = read_labels(labels_path)
-    except (OSError, ValueError) as exc:  # missing file, unparsable csv, missing column
+        table = read_labels(labels_path, limits)
+    except (OSError, ValueError) as exc:  # missing file, unparsable csv, missing column, over a limit
         problems.append(str(exc))
         return {}, {}
     if tuple(table.columns) != LABEL_COLUMNS:
-        problems.append(f"{labels_path}: header {','.join(map(str, table.columns))}, expected {','.join(LABEL_COLUMNS)}")
+        problems.append(f"{labels_path}: header {shorten(','.join(map(str, table.columns)), 200)}, "
+                        f"expected {','.join(LABEL_COLUMNS)}")
+    problems.extend(crowded_images(table, labels_path, limits.max_boxes_per_image))
     boxes = _check_rows(table, labels_path, image_dir, files, sizes, image_size, classes, problems)
     labelled = {n for n in table[LABEL_COLUMNS[0]] if isinstance(n, str)}
     problems.extend(f"{image_dir / n}: image has no label row in {labels_path}" for n in sorted(files - labelled))
@@ -189,17 +224,27 @@ def sample_grid(split_dir: Path, boxes: dict[str, list], classes: Sequence[str],
     return grid
 
 
+def summary(root: Path, problems: Problems) -> str:
+    """``N problem(s) in ROOT:`` and the first :data:`LISTED_PROBLEMS` problems, one per line, then how
+    many more there are."""
+    more = len(problems) - len(problems.listed)
+    return (f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems.listed)
+            + (f"\n  ... and {more} more problems" if more > 0 else ""))
+
+
 def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",), strict: bool = True,
-             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, Image.Image]:
+             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+             limits: LabelLimits = LabelLimits()) -> tuple[dict, Image.Image]:
     """Check both splits; returns the report and the sample grid, or raises ``ValueError`` listing all problems.
 
     ``strict``: every image must be RGB and ``image_size`` square (the banana data are); otherwise any
     size and mode pass, as photos come, and boxes are checked against each image's own size as
-    displayed (EXIF orientation applied). ``max_pixels``: larger images are problems.
+    displayed (EXIF orientation applied). ``max_pixels``: larger images are problems; ``limits``: the
+    label files'.
     """
     root = dataset_root(root)
     classes = list(classes)
-    problems: list[str] = []
+    problems = Problems()
     report: dict[str, Any] = {"data": str(root), "image_size": image_size, "classes": classes, "splits": {}}
     grid = None
     for split in SPLITS:
@@ -208,21 +253,23 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
         except FileNotFoundError as exc:
             problems.append(str(exc))
             continue
-        report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems, strict, max_pixels)
+        report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems, strict, max_pixels,
+                                                     limits)
         if split == "train":
             grid = (split_dir, boxes)
     if problems:
-        raise ValueError(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems))
+        raise ValueError(summary(root, problems))
     report["problems"] = []
     return report, sample_grid(*grid, classes)
 
 
 def run_validation(root: str | Path, out: str | Path, image_size: int, classes: Sequence[str],
-                   strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+                   strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   limits: LabelLimits = LabelLimits()) -> dict[str, Any]:
     """Validate and write ``out/validation.json`` + ``out/samples.png`` (together, atomically)."""
     out = Path(out)
     try:
-        report, grid = validate(root, image_size, classes, strict, max_pixels)
+        report, grid = validate(root, image_size, classes, strict, max_pixels, limits)
     except ValueError:
         for name in (REPORT, SAMPLES):  # a stale "valid" report must not outlive invalid data
             (out / name).unlink(missing_ok=True)

@@ -12,17 +12,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS, read_image
-from ssd.data.labels import box_values, class_index, find_split, label_file, read_labels
+from ssd.data.labels import (LabelLimits, box_values, class_index, crowded_images, find_split, image_file,
+                             label_file, read_labels)
 from ssd.data.layout import IMAGES_DIR
 
 
+def _boxes_by_image(table: pd.DataFrame, labels_path: Path, image_dir: Path, classes: Sequence[str],
+                    limits: LabelLimits) -> dict[str, list[list[float]]]:
+    """``{img_name: [[class, x1, y1, x2, y2], ...]}`` in pixels, in the label file's order; the first
+    problem (over a limit, a name outside ``image_dir``, a bad class or number) raises, in one line."""
+    crowded = crowded_images(table, labels_path, limits.max_boxes_per_image)
+    if crowded:  # before anything is allocated per box
+        raise ValueError(crowded[0] + (f" (and {len(crowded) - 1} more such images)" if len(crowded) > 1 else ""))
+    rows_by_image: dict[str, list[list[float]]] = {}
+    for row_no, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
+        where = f"{labels_path} row {row_no}"
+        image_file(image_dir, row.img_name, where)
+        box = box_values(row, where)
+        rows_by_image.setdefault(row.img_name, []).append([class_index(row.label, classes, where), *box])
+    return rows_by_image
+
+
 def read_split(split_dir: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",),
-               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Read one split (``ssd validate`` checks it in full first; this refuses what it cannot read).
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               limits: LabelLimits = LabelLimits()) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read one split (``ssd validate`` checks it in full first; this refuses what it cannot read, and
+    what is over ``limits`` or names a file outside the split's ``images/``).
 
     Returns:
         ``images uint8 Tensor[N, 3, S, S]``, ``labels float32 Tensor[N, M, 5]`` rows
@@ -31,21 +51,15 @@ def read_split(split_dir: str | Path, image_size: int = 256, classes: Sequence[s
     """
     split_dir = Path(split_dir)
     labels_path = label_file(split_dir)
-    table = read_labels(labels_path)
-    rows_by_image: dict[str, list[list[float]]] = {}
-    for row_no, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
-        where = f"{labels_path} row {row_no}"
-        if not isinstance(row.img_name, str) or not row.img_name.strip():
-            raise ValueError(f"{where}: empty img_name")
-        box = box_values(row, where)
-        rows_by_image.setdefault(row.img_name, []).append([class_index(row.label, classes, where), *box])
+    image_dir = split_dir / IMAGES_DIR
+    rows_by_image = _boxes_by_image(read_labels(labels_path, limits), labels_path, image_dir, classes, limits)
     names = list(rows_by_image)
 
     images = torch.empty(len(names), 3, image_size, image_size, dtype=torch.uint8)
     max_objects = max((len(r) for r in rows_by_image.values()), default=0)
     labels = torch.full((len(names), max_objects, 5), -1.0)
     for i, name in enumerate(names):
-        path = split_dir / IMAGES_DIR / name
+        path = image_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: image listed in the label file is missing")
         images[i], (width, height) = read_image(path, image_size, max_pixels)
@@ -59,10 +73,10 @@ class DetectionDataset(Dataset):
     """A split held in memory. Items are ``(uint8 Tensor[3, S, S], float Tensor[M, 5])``."""
 
     def __init__(self, split_dir: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",),
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, limits: LabelLimits = LabelLimits()):
         self.split_dir = Path(split_dir)
         self.classes = list(classes)
-        self.images, self.labels, self.names = read_split(split_dir, image_size, classes, max_pixels)
+        self.images, self.labels, self.names = read_split(split_dir, image_size, classes, max_pixels, limits)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -101,10 +115,11 @@ def make_loader(dataset: DetectionDataset, batch_size: int, *, shuffle: bool = T
 
 
 def load_dataset(root: str | Path, split: str, image_size: int = 256, classes: Sequence[str] = ("banana",),
-                 max_pixels: int | None = None) -> DetectionDataset:
+                 max_pixels: int | None = None, limits: LabelLimits = LabelLimits()) -> DetectionDataset:
     """The ``split`` ("train" or "val") of a dataset root such as ``data/raw/banana-detection``.
 
-    ``max_pixels``: ``data.max_image_pixels`` (None: the default, 64 megapixels).
+    ``max_pixels``: ``data.max_image_pixels`` (None: the default, 64 megapixels); ``limits``: the
+    label file's (``LabelLimits.of(data)``; default: ``params.yaml``'s defaults).
     """
     return DetectionDataset(find_split(root, split), image_size, classes,
-                            int(max_pixels) if max_pixels else DEFAULT_MAX_IMAGE_PIXELS)
+                            int(max_pixels) if max_pixels else DEFAULT_MAX_IMAGE_PIXELS, limits)

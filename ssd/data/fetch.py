@@ -10,7 +10,7 @@ Prefect flow call it. Sources (``ssd.data.source.source_kind``):
 * ``synthetic``: generated bananas (``ssd.data.synthetic``), seeded by ``data.synthetic.seed``;
 * an ``http(s)://`` or ``file://`` URL, or a path to a zip (``--sha1`` checked when given);
 * a path to a dataset folder (``ssd.data.folder``), copied into the banana layout, so every later
-  stage sees one layout.
+  stage sees one layout; a symlink leading out of it refuses it (``ssd.data.confine``).
 
 Every archive goes through the same verify + extract path (``ssd.data.archive``: absolute or ``..``
 members, symlinks and zip bombs are refused). Everything is written inside a work folder beside
@@ -189,7 +189,7 @@ def fetch(source: str | None, sha1: str | None, out: str | Path, data: DataSetti
     fetches beside ``out`` are removed first (:func:`remove_leftovers`).
 
     Returns the manifest. Raises ``ValueError`` (checksum mismatch, unsafe or malformed archive, a
-    folder in neither layout, a source that changed since the check), ``FileNotFoundError`` (missing
+    folder in neither layout or with a symlink out of it, a source that changed since the check), ``FileNotFoundError`` (missing
     zip) or ``RuntimeError`` (download failed); ``out`` is then untouched.
     """
     request = _resolve(source, sha1, data, fingerprint, progress)

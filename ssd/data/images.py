@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -59,9 +59,11 @@ def open_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_IMAG
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
-                # exif_transpose decodes the current frame (the first, just after opening) into a new
-                # image in the displayed frame, and drops the orientation tag from it.
-                return ImageOps.exif_transpose(img)
+                # exif_transpose decodes the current frame (the first, just after opening), turns it
+                # into the displayed frame and drops the orientation tag; in place, so the decoded
+                # pixels are held once (a copy would double the peak of a 64-megapixel image).
+                ImageOps.exif_transpose(img, in_place=True)
+                return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         size = _declared_size(source)
         what = f"{size[0]}x{size[1]} pixels" if size else "too many pixels"
@@ -75,10 +77,24 @@ def open_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_IMAG
         Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
-    """Integer or float pixels as ``uint8``, scaled by the bit depth (16-bit) or the values' range."""
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+_CHUNK = 1 << 20  # pixels converted at a time: the temporaries stay at ~8 MB whatever the image
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """``(top row, float64 array of rows)`` strips of about :data:`_CHUNK` pixels, NaN and infinities
+    as 0: never a whole-image copy of the pixels."""
+    rows = max(1, _CHUNK // max(img.width, 1))
+    for top in range(0, img.height, rows):
+        strip = np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))))
+        yield top, np.nan_to_num(strip.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float greyscale image as 8-bit ``L``, scaled by the bit depth (16-bit) or
+    the values' range; two passes over strips, so the memory it adds is the 1-byte result."""
+    mode = img.mode
+    ranges = [(float(a.min()), float(a.max())) for _, a in _strips(img) if a.size]
+    low, high = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0.0, 0.0)
     if mode.startswith("I;16") or (mode == "I" and low >= 0 and 255 < high <= 65535):
         scale, offset = 255 / 65535, 0.0          # 16-bit data: keep its brightness, as viewers do
     elif mode == "F" and low >= 0 and high <= 1:
@@ -87,27 +103,35 @@ def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
         scale, offset = 1.0, 0.0                  # already 8-bit values
     else:
         scale, offset = 255 / max(high - low, 1e-12), low  # anything else: stretch its range to 0..255
-    return np.clip(np.rint((values - offset) * scale), 0, 255).astype(np.uint8)
+    out = np.empty((img.height, img.width), dtype=np.uint8)
+    for top, a in _strips(img):
+        out[top:top + len(a)] = np.clip(np.rint((a - offset) * scale), 0, 255)
+    return Image.fromarray(out)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale (``I;16*``, ``I``) and float (``F``) as 8-bit ``L``, scaled to 0..255
+    (PIL's own conversion clips them, so 16-bit data become almost all white); any other mode as is."""
+    return _to_8bit(img) if img.mode.startswith("I") or img.mode == "F" else img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: 16-bit and 32-bit greyscale (``I;16*``, ``I``) and float (``F``) are scaled
-    to 0..255 (PIL's own conversion clips them, so 16-bit data become almost all white); alpha is dropped."""
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I") or img.mode == "F":
-        return Image.fromarray(_to_8bit(np.asarray(img), img.mode)).convert("RGB")
-    return img.convert("RGB")
+    """Any PIL mode as 8-bit RGB (wide greyscale through :func:`to_8bit`); alpha is dropped."""
+    img = to_8bit(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _readable(name: str, img: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    try:
+        return convert(img)
+    except (OSError, ValueError) as exc:  # a mode PIL decodes but cannot convert
+        raise ValueError(f"{name}: cannot be converted to RGB from mode {img.mode} ({exc})") from None
 
 
 def read_rgb(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
              name: str | None = None) -> Image.Image:
     """The displayed image (:func:`open_image`) as 8-bit RGB (:func:`to_rgb`); errors as :func:`open_image`."""
-    img = open_image(source, max_pixels, name)
-    try:
-        return to_rgb(img)
-    except (OSError, ValueError) as exc:  # a mode PIL decodes but cannot convert
-        raise ValueError(f"{name or source}: cannot be converted to RGB from mode {img.mode} ({exc})") from None
+    return _readable(name or str(source), open_image(source, max_pixels, name), to_rgb)
 
 
 def to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
@@ -123,7 +147,11 @@ def read_image(source: str | Path | BinaryIO, image_size: int, max_pixels: int =
 
     Displayed means as viewers and annotation tools show it (EXIF orientation applied): label boxes
     are in that frame, are normalised by that size, and predictions come back in it. Errors as
-    :func:`open_image`.
+    :func:`open_image`. Greyscale is resized before it becomes RGB (the same pixels as
+    :func:`read_rgb` then :func:`to_tensor`, without a full-size RGB copy).
     """
-    img = read_rgb(source, max_pixels, name)
-    return to_tensor(img, image_size), img.size
+    img = _readable(name or str(source), open_image(source, max_pixels, name), to_8bit)
+    size = img.size
+    if img.mode == "L" and size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    return to_tensor(_readable(name or str(source), img, to_rgb), image_size), size

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ssd.data.confine import source_files
 from ssd.data.download import CONNECT_TIMEOUT, RETRIES, HTTPStatusError, NetworkUnreachable, hash_body, head
 from ssd.data.layout import MANIFEST
 from ssd.util.files import atomic_write_json, file_digest
@@ -54,10 +56,13 @@ def file_identity(path: Path) -> dict[str, Any]:
 
 
 def tree_identity(root: Path) -> dict[str, Any]:
-    """``tree_sha256`` over every file's relative path and SHA-256 under ``root``, with ``files`` and ``bytes``."""
-    root = Path(root)
+    """``tree_sha256`` over every file's relative path and SHA-256 under ``root``, with ``files`` and ``bytes``.
+
+    ``ValueError`` naming the first symlink that leads outside ``root`` (``ssd.data.confine``): what
+    is hashed is what fetch may copy, and nothing outside the folder is read."""
+    root = Path(os.path.realpath(root))
     digest, files, size = hashlib.sha256(), 0, 0
-    for path in sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix()):
+    for path in sorted(source_files(root), key=lambda p: p.relative_to(root).as_posix()):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + bytes.fromhex(file_digest(path)))
         files, size = files + 1, size + path.stat().st_size
     return {"tree_sha256": digest.hexdigest(), "files": files, "bytes": size}

@@ -86,7 +86,10 @@ def load_validation(data: DataSettings, data_root: str | Path) -> Any:
     """The validation split of ``data_root`` as the evaluate stage reads it (``DetectionDataset``)."""
     from ssd.data.dataset import load_dataset
 
-    dataset = load_dataset(data_root, "val", data.image_size, data.classes, data.max_image_pixels)
+    from ssd.data.labels import LabelLimits
+
+    dataset = load_dataset(data_root, "val", data.image_size, data.classes, data.max_image_pixels,
+                           LabelLimits.of(data))
     if len(dataset) == 0:
         raise ValueError(f"{dataset.split_dir}: the validation split is empty")
     return dataset

@@ -173,14 +173,13 @@ def fit(setup: Setup, progress: Progress, paths: TrainPaths, log: RunLog) -> Non
 
 def _record_epoch(setup: Setup, progress: Progress, paths: TrainPaths, log: RunLog,
                   metrics: dict[str, float]) -> Path:
-    """Rank 0, after each epoch: the checkpoint (then an earlier run's go), the history, the log."""
+    """Rank 0, after each epoch: the checkpoint (then an earlier run's go), the MLflow log."""
     path = save_checkpoint(paths.checkpoint_dir, model=setup.model, optimizer=setup.optimizer,
                            scaler=setup.scaler, epoch=progress.epoch, params=setup.params, history=progress.history,
                            data_fingerprint=setup.fingerprint, run_id=log.run_id)
     prune_checkpoints(paths.checkpoint_dir, keep=path, stale=progress.stale)
     progress.stale = []
-    atomic_write_text(paths.history_out, history_csv(progress.history))
-    log.log_epoch(progress.epoch, metrics, path)
+    log.log_epoch(progress.epoch, metrics, path)  # the history CSV is written with the model, at the end
     print(f"epoch {progress.epoch}/{setup.train.epochs}: loss {metrics['loss']:.3e}, "
           f"class err {metrics['class_err']:.2e}, bbox mae {metrics['bbox_mae']:.2e}, "
           f"{metrics['examples_per_sec']:.1f} examples/sec", file=sys.stderr, flush=True)
@@ -197,11 +196,12 @@ def finish(setup: Setup, progress: Progress, paths: TrainPaths, log: RunLog,
              "mean_examples_per_sec": sum(h["examples_per_sec"] for h in history) / len(history)}
     if not setup.info.is_main:
         return final
+    # The model first: a failure (a full disk) leaves no report describing a model that is not there.
+    save_model(setup.model, paths.model_out, params=setup.params, history=history, mlflow_run_id=log.run_id)
+    log.write_run_file(paths.run_file)
     atomic_write_text(paths.history_out, history_csv(history))
     atomic_save_figure(curve_figure(history, epochs), paths.curve_out, dpi=100)
     log.log_artifact(paths.curve_out)
-    save_model(setup.model, paths.model_out, params=setup.params, history=history, mlflow_run_id=log.run_id)
-    log.write_run_file(paths.run_file)
     atomic_write_json(paths.metrics_out, {**final, "provenance": origin})
     print(f"class err {final['class_err']:.2e}, bbox mae {final['bbox_mae']:.2e}\n"
           f"{final['examples_per_sec']:.1f} examples/sec on {device} x {setup.info.world_size} ({setup.precision})")

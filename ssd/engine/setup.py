@@ -15,6 +15,7 @@ from ssd.core.boxes import check_boxes
 from ssd.core.model import TinySSD
 from ssd.core.schedule import lr_factor
 from ssd.data.dataset import DetectionDataset, load_dataset, make_loader
+from ssd.data.labels import LabelLimits
 from ssd.engine import distributed as dist
 from ssd.engine.checkpoint import data_fingerprint
 from ssd.engine.precision import resolve_precision
@@ -51,7 +52,7 @@ def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
     lr_factor(train.lr_schedule, train.epochs, train.warmup_epochs)  # refused before any file is touched
     _seed_everything(seed, train.deterministic)
     dataset = load_dataset(data, "train", settings.data.image_size, settings.data.classes,
-                           settings.data.max_image_pixels)
+                           settings.data.max_image_pixels, LabelLimits.of(settings.data))
     check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
     model = make_model(settings.model, settings.data, train.channels_last, device)
     # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.

@@ -16,7 +16,7 @@ from typing import Any
 from ssd.util.files import file_digest
 
 PROVENANCE_KEYS = ("git_commit", "git_dirty", "data_hash", "data_source", "data_synthetic_fallback")
-_MD5_CACHE: dict[tuple[str, int, int], str] = {}
+_MD5_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def data_folder(dataset_root: str | Path) -> Path:
@@ -27,8 +27,10 @@ def data_folder(dataset_root: str | Path) -> Path:
 
 
 def _file_md5(path: Path) -> str:
-    stat = path.stat()  # keyed like DVC's state db: a file seen unchanged is not read again
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    # A file seen unchanged is not read again. The change time is in the key because every write sets
+    # it, also one that puts the old mtime back (`touch -r`): a same-size edit is not missed.
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     if key not in _MD5_CACHE:
         _MD5_CACHE[key] = file_digest(path, "md5")
     return _MD5_CACHE[key]

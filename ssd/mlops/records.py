@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CHAMPION, CHALLENGER = "champion", "challenger"   # the registered model's aliases
+CHAMPION, CHALLENGER = "champion", "challenger"   # the registered model's aliases (alias_uri)
 METRIC = "map_50"                                 # the validation metric that decides promotion
 PROMOTED, KEPT = "promoted", "kept"               # the record's decision
 
@@ -25,7 +25,8 @@ class RecordKeys:
     val_map_50: str = f"val_{METRIC}"             # the candidate's
     run_id: str = "run_id"
     tracking_uri: str = "tracking_uri"
-    reused_version: str = "reused_version"
+    reused_version: str = "reused_version"        # True: a version with these weights existed already
+    weights_digest: str = "weights_digest"        # ssd.mlops.registry.weights_digest of the model file
     provenance: str = "provenance"
     val_digest: str = "val_digest"                # the validation split the candidate was scored on
     gate: str = "gate"                            # GateKeys' figures, or None when no champion was compared
@@ -45,3 +46,25 @@ class GateKeys:
 
 
 RECORD, GATE = RecordKeys(), GateKeys()
+
+
+def version_uri(name: str, version: int | str) -> str:
+    """``models:/<name>/<version>``: one registered version."""
+    return f"models:/{name}/{version}"
+
+
+def alias_uri(name: str, alias: str = CHAMPION) -> str:
+    """``models:/<name>@<alias>``: whichever version the alias points at when it is loaded."""
+    return f"models:/{name}@{alias}"
+
+
+def figures(*values: float, decimals: int = 4) -> tuple[str, ...]:
+    """``values`` at ``decimals`` decimals, or with as many more as it takes for values that differ to
+    print differently (0 and 4.6e-05: ``0.000000`` and ``0.000046``, never both ``0.0000``); Python's
+    shortest round-trip form (``repr``) when even 17 decimals do not tell them apart."""
+    distinct = len(set(values))
+    for places in range(decimals, 18):
+        shown = tuple(f"{value:.{places}f}" for value in values)
+        if len(set(shown)) == distinct:
+            return shown
+    return tuple(repr(float(value)) for value in values)

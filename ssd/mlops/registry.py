@@ -6,7 +6,9 @@ The stage that uses them (``ssd register``: log, register, check, compare, move 
 A version is the pyfunc ``ssd.mlops.pyfunc.TinySSDModel`` (``model.pt`` inside as an artifact, with
 a signature and an input example, :func:`log_pyfunc`), tagged with its validation metrics, the
 validation split they were computed on (:data:`VAL_DIGEST`), its training run's provenance, its run
-and weights (:func:`find_version` reuses it), and whether it loads (:func:`check_version`).
+and its weights' digest (:func:`weights_digest`; :func:`find_version` reuses a version with the same
+weights), and whether it loads (:func:`check_version`). Writers of one registered model take turns
+through a lock the server holds (``ssd.mlops.lease``): :func:`promote` here, ``ssd register``.
 ``champion`` moves to a candidate only when :func:`decide_promotion` says so, on figures from one
 validation split (:func:`champion_gate` re-scores the champion when its split was another).
 
@@ -17,15 +19,19 @@ rest. MLflow: the ``MlflowClient`` from ``ssd.mlops.tracking.client``; ``log_mod
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssd.mlops.records import CHAMPION, GATE, KEPT, METRIC, PROMOTED
+from ssd.mlops.lease import registry_lock
+from ssd.mlops.records import CHAMPION, GATE, KEPT, METRIC, PROMOTED, figures, version_uri
 from ssd.mlops.tracking import client as mlflow_client
 from ssd.mlops.tracking import is_missing, tracking_uri
 from ssd.util.errors import TransientError, is_transient
+from ssd.util.files import file_digest
 from ssd.util.settings import DataSettings, EvaluateSettings
 
 MODEL_ARTIFACT = "model"    # the logged model's name inside the run
@@ -33,8 +39,9 @@ MODEL_ARTIFACT = "model"    # the logged model's name inside the run
 VAL_DIGEST = "val_digest"   # the validation split its val_* metrics were computed on
 LOAD_CHECK = "load_check"   # LOAD_PASSED, or "failed: <why>" (never champion then)
 LOAD_PASSED = "passed"
-RUN_ID = "run_id"           # with MODEL_SHA: the run and weights a version was registered from
-MODEL_SHA = "model_sha256"
+RUN_ID = "run_id"           # the run a version was registered from
+MODEL_SHA = "model_sha256"  # the model file's bytes as registered (they differ between saves of equal weights)
+WEIGHTS = "weights_digest"  # :func:`weights_digest`: what makes two versions the same model
 CHAMPION_REASON = "champion_reason"
 
 
@@ -64,10 +71,10 @@ def decide_promotion(candidate: float, champion: float | None, min_improvement: 
     if champion is None or not math.isfinite(champion):
         return Decision(False, f"the champion's {METRIC} is unknown: not replaced automatically")
     gain = candidate - champion
+    cand, champ, by = figures(candidate, champion, gain)  # figures that differ never print equal
     if gain > 0 and gain >= min_improvement:
-        return Decision(True, f"{METRIC} {candidate:.4f} beats champion's {champion:.4f} by {gain:.4f} "
-                              f"(>= {min_improvement:g})")
-    return Decision(False, f"{METRIC} {candidate:.4f} does not beat champion's {champion:.4f} "
+        return Decision(True, f"{METRIC} {cand} beats champion's {champ} by {by} (>= {min_improvement:g})")
+    return Decision(False, f"{METRIC} {cand} does not beat champion's {champ} "
                            f"by more than 0 and at least {min_improvement:g}")
 
 
@@ -104,25 +111,52 @@ def log_pyfunc(run_id: str, model_path: str | Path, config: dict[str, Any]) -> s
     return info.model_uri
 
 
-def find_version(client: Any, name: str, run_id: str, model_sha: str) -> Any | None:
-    """The version of ``name`` already registered from ``run_id`` with these weights, if any. A
-    search that fails raises (never read as "none": that would register a duplicate)."""
-    for version in client.search_model_versions(f"name='{name}'"):
-        tags = version.tags or {}
-        if tags.get(RUN_ID) == run_id and tags.get(MODEL_SHA) == model_sha:
-            return version
-    return None
+def weights_digest(model_path: str | Path) -> str:
+    """``sha256:<hex>`` of a model file's config and state dict (every tensor's name, dtype, shape and
+    bytes, in key order): equal for equal weights, however often the file is saved (``torch.save``
+    writes a new serialization id every time, and the file carries its training history). A file
+    that is not a TinySSD model file gets ``file-sha256:<hex>`` of its bytes (registered as it is,
+    it then fails the load check)."""
+    import torch
+
+    try:
+        blob = torch.load(model_path, map_location="cpu", weights_only=True)
+        config, state = blob["config"], blob["model"]
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+        for key in sorted(state):
+            tensor = state[key].detach().cpu().contiguous()
+            digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    except Exception:  # any unreadable or foreign file: its bytes are all there is to name it by
+        return f"file-sha256:{file_digest(model_path)}"
+    return f"sha256:{digest.hexdigest()}"
+
+
+def find_version(client: Any, name: str, weights: str) -> Any | None:
+    """The version of ``name`` already registered with these weights (tag :data:`WEIGHTS`), if any;
+    the oldest when there are several. A search that fails raises (never read as "none": that
+    would register a duplicate)."""
+    found = [version for version in client.search_model_versions(f"name='{name}'")
+             if (version.tags or {}).get(WEIGHTS) == weights]
+    return min(found, key=lambda version: int(version.version)) if found else None
 
 
 def champion_of(client: Any, name: str) -> Any | None:
     """The version ``champion`` points at; None only when MLflow says it does not exist (no such
     model or alias). Any other error raises: read as "no champion" it would crown any candidate."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except Exception as exc:
-        if is_missing(exc):
+        if is_missing(exc):  # no such model
             return None
-        raise
+        # A model without the alias answers "invalid parameter"; its alias map confirms the absence.
+        if not (isinstance(exc, MlflowException) and exc.error_code == "INVALID_PARAMETER_VALUE"):
+            raise
+        if CHAMPION in (client.get_registered_model(name).aliases or {}):
+            raise
+        return None
 
 
 def validation_split(data_dir: str | Path) -> Path:
@@ -150,7 +184,7 @@ def rescore_version(name: str, version: int | str, split_dir: str | Path, data: 
     from ssd.core.model import load_model
     from ssd.mlops.pyfunc import WEIGHTS_ARTIFACT
 
-    uri = f"models:/{name}/{version}"
+    uri = version_uri(name, version)
     with tempfile.TemporaryDirectory(prefix="ssd-rescore-") as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
@@ -196,7 +230,7 @@ def check_version(client: Any, name: str, version: str, split_dir: str | Path) -
     from ssd.mlops.pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS, encode_image
 
     image = min((Path(split_dir) / "images").iterdir())
-    uri = f"models:/{name}/{version}"
+    uri = version_uri(name, version)
     try:
         model = mlflow.pyfunc.load_model(uri)
         out = model.predict(pd.DataFrame({IMAGE_COLUMN: [encode_image(image.read_bytes())]}),
@@ -223,10 +257,16 @@ def version_description(metrics: dict[str, Any], decision: Decision) -> str:
 
 
 def promote(name: str, version: int | str, uri: str | None = None) -> dict[str, Any]:
-    """Point ``champion`` at ``version`` of ``name``; ``ValueError`` naming the versions if it does not
-    exist (MLflow's "does not exist"; any other error raises as it is)."""
+    """Point ``champion`` at ``version`` of ``name``, holding the registry lock (an ``ssd register``
+    deciding at the same time decides before or after it, never across it); ``ValueError`` naming the
+    versions if it does not exist (MLflow's "does not exist"; any other error raises as it is)."""
     uri = uri or tracking_uri()
     client = mlflow_client(uri)
+    with registry_lock(client, name):
+        return _promote(client, name, version, uri)
+
+
+def _promote(client: Any, name: str, version: int | str, uri: str) -> dict[str, Any]:
     try:
         client.get_model_version(name, str(version))
     except Exception as exc:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ssd.data.layout import RUN_FILE
-from ssd.mlops.provenance import data_folder, data_source, dvc_md5, read_manifest
+from ssd.mlops.provenance import PROVENANCE_KEYS, data_folder, data_source, dvc_md5, read_manifest
 from ssd.util.errors import TransientError
 from ssd.util.files import atomic_write_json
 
@@ -131,10 +131,11 @@ def run_name(commit: str, now: Any = None) -> str:
     return "-".join(["train", *([experiment] if experiment else []), commit[:7], stamp])
 
 
-def log_dataset_inputs(dataset_root: str | Path) -> None:
+def log_dataset_inputs(dataset_root: str | Path, skip: frozenset[str] = frozenset()) -> None:
     """Log the training and validation splits as the active run's dataset inputs (contexts
-    ``training`` and ``validation``): name = the split's folder, digest = DVC's md5 of that folder,
-    source = :func:`data_source` (HTTP URL, local path, or code for generated data)."""
+    ``training`` and ``validation``, less those in ``skip``): name = the split's folder, digest =
+    DVC's md5 of that folder, source = :func:`data_source` (HTTP URL, local path, or code for
+    generated data)."""
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -156,6 +157,8 @@ def log_dataset_inputs(dataset_root: str | Path) -> None:
     hashes = dvc_md5(folder)
     datasets, contexts = [], []
     for context, split in (("training", "train"), ("validation", "val")):
+        if context in skip:
+            continue
         try:
             split_dir = find_split(dataset_root, split).resolve()
         except FileNotFoundError:
@@ -163,7 +166,16 @@ def log_dataset_inputs(dataset_root: str | Path) -> None:
         digest = hashes[split_dir.relative_to(folder.resolve()).as_posix()]
         datasets.append(MetaDataset(source, name=split_dir.name, digest=digest))
         contexts.append(context)
-    mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
+    if datasets:
+        mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
+
+
+def _input_contexts(run: Any) -> frozenset[str]:
+    """The contexts (``training``, ``validation``) of the dataset inputs ``run`` already lists."""
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    return frozenset(tag.value for entry in inputs for tag in entry.tags if tag.key == MLFLOW_DATASET_CONTEXT)
 
 
 def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
@@ -230,8 +242,14 @@ class Tracker:
         self.run_id = run.info.run_id
         if not resumed:  # params are immutable in MLflow; a resumed run already has them
             mlflow.log_params(flatten_params(params))
-        mlflow.set_tags(tags)
-        log_dataset_inputs(data)  # the same name and digest again on a resume: MLflow keeps one
+            mlflow.set_tags(tags)
+            log_dataset_inputs(data)
+        else:
+            # The weights go on from the commit and data the run started with (its name says so):
+            # provenance tags and dataset inputs stay those; once a resume retagged the run.
+            started = run.data.tags
+            mlflow.set_tags({k: v for k, v in tags.items() if k not in PROVENANCE_KEYS or k not in started})
+            log_dataset_inputs(data, skip=_input_contexts(run))
         self.uri, self.experiment = uri, experiment
 
     def write_run_file(self, path: Path) -> None:
@@ -252,6 +270,18 @@ class Tracker:
             shutil.copy(checkpoint, Path(tmp) / "last.pt")
             mlflow.log_artifact(str(Path(tmp) / "last.pt"), artifact_path="checkpoints")
         mlflow.set_tag("checkpoint_epoch", str(epoch))
+
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """Log the epochs of ``history`` (a resumed checkpoint's) that the run lacks: a run stopped
+        between saving a checkpoint and logging its epoch would otherwise miss that epoch."""
+        if not (self.active and history):
+            return
+        import mlflow
+
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, "loss")}
+        for row in history:
+            if int(row["epoch"]) not in logged:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active:
@@ -295,8 +325,6 @@ def training_run(run_file: str | Path = RUN_FILE) -> TrainingRun | None:
               f"skipped MLflow logging", file=sys.stderr)
         return None
     return TrainingRun(found, info["run_id"], dict(run.data.tags))
-
-
 
 
 def log_evaluation(run: TrainingRun, metrics: dict[str, Any], paths: dict[str, Path]) -> None:

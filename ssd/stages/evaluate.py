@@ -23,7 +23,7 @@ from ssd.mlops.tracking import log_evaluation, training_run
 from ssd.stages import common
 from ssd.util.settings import Settings
 
-PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels")
+PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels", "data.max_boxes_per_image", "data.max_label_line_bytes", "data.max_label_rows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

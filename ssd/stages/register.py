@@ -12,9 +12,15 @@ states its metrics and that decision; ``reports/registration.json`` records the 
 Order, so that a failure moves nothing: everything the decision needs is read first (the run, the
 champion, an existing version); then the version is registered (or reused) and must load from the
 registry and predict one validation image (``ssd.mlops.registry.check_version``); only then do
-``challenger`` and ``champion`` move. Running it twice is safe: a version already registered from
-the same run with the same weights is reused rather than duplicated. The registry's operations and
-its errors: ``ssd.mlops.registry``.
+``challenger`` and ``champion`` move. Running it twice is safe: a version with the same weights
+(``ssd.mlops.registry.weights_digest``) is reused rather than duplicated.
+
+Two at once take turns: from reading the champion to moving the aliases the stage holds the
+registry lock (``ssd.mlops.lease``), so a second ``ssd register`` of the same weights finds the
+version the first registered. Right before an alias moves, the lease is checked and the champion
+read again; if it moved meanwhile (a person in the UI), the decision is made again against it. The
+record is written from the registry's state after the move. The registry's operations and its
+errors: ``ssd.mlops.registry``.
 """
 from __future__ import annotations
 
@@ -26,18 +32,20 @@ from typing import Any
 
 from ssd.data.layout import EVAL_FILE, MODEL_FILE, RAW_DIR, REGISTRATION_FILE, RUN_FILE
 from ssd.mlops.provenance import run_provenance, split_digest
-from ssd.mlops.records import CHALLENGER, CHAMPION, GATE, METRIC, RECORD
-from ssd.mlops.registry import (CHAMPION_REASON, LOAD_CHECK, LOAD_PASSED, MODEL_SHA, RUN_ID, VAL_DIGEST, Decision,
-                                champion_gate, champion_of, check_version, decide_promotion, find_version, log_pyfunc,
-                                model_config, validation_split, version_description)
+from ssd.mlops.lease import Lease, registry_lock
+from ssd.mlops.records import CHALLENGER, CHAMPION, GATE, METRIC, RECORD, version_uri
+from ssd.mlops.registry import (CHAMPION_REASON, LOAD_CHECK, LOAD_PASSED, MODEL_SHA, RUN_ID, VAL_DIGEST, WEIGHTS,
+                                Decision, champion_gate, champion_of, check_version, decide_promotion, find_version,
+                                log_pyfunc, model_config, validation_split, version_description, weights_digest)
 from ssd.mlops.tracking import client as mlflow_client
 from ssd.mlops.tracking import read_run_file
 from ssd.stages import common
+from ssd.util.errors import TransientError
 from ssd.util.files import atomic_write_json, file_digest
 from ssd.util.settings import DataSettings, EvaluateSettings, RegistrySettings, Settings
 
 PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size",
-          "data.max_image_pixels", "data.classes")
+          "data.max_image_pixels", "data.classes", "data.max_boxes_per_image", "data.max_label_line_bytes", "data.max_label_rows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class _Before:
-    """What the stage decides on, all read before anything in the registry changes: an error while
-    reading stops the stage with nothing registered and no alias moved."""
+    """What the stage reads before it takes the registry lock: an error while reading stops the stage
+    with nothing registered and no alias moved."""
     name: str
     min_improvement: float
     metrics: dict[str, Any]
@@ -66,12 +74,18 @@ class _Before:
     uri: str
     client: Any
     model_sha: str
+    weights: str                    # ssd.mlops.registry.weights_digest: which version these weights are
     split_dir: Path
     val_digest: str
     metric_tags: dict[str, str]
     origin: dict[str, str]          # the training run's provenance (git commit, data hash and source)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """The registry's state as read under the lock, before anything changes."""
     champion: Any | None
-    existing: Any | None            # the version already registered from this run with these weights
+    existing: Any | None            # the version already registered with these weights
 
 
 def _read_metrics(model_path: Path, eval_file: Path) -> dict[str, Any]:
@@ -92,7 +106,6 @@ def _read_before(cfg: RegistrySettings, model_path: Path, eval_file: Path, run_f
     run = read_run_file(run_file)
     run_id, uri = run["run_id"], run["tracking_uri"]
     client = mlflow_client(uri)  # an unreachable server fails here, in seconds (exit 75)
-    model_sha = file_digest(model_path)
 
     metric_tags = {f"val_{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     # The split those metrics came from (the evaluate stage read the same data/raw): a later
@@ -101,26 +114,32 @@ def _read_before(cfg: RegistrySettings, model_path: Path, eval_file: Path, run_f
     val_digest = split_digest(split_dir)
     metric_tags[VAL_DIGEST] = val_digest
     origin = run_provenance(client.get_run(run_id).data.tags)  # the version's provenance is its run's
-    champion = champion_of(client, name)
-    existing = find_version(client, name, run_id, model_sha)
-    return _Before(name, min_improvement, metrics, run_id, uri, client, model_sha, split_dir, val_digest,
-                   metric_tags, origin, champion, existing)
+    return _Before(name, min_improvement, metrics, run_id, uri, client, file_digest(model_path),
+                   weights_digest(model_path), split_dir, val_digest, metric_tags, origin)
 
 
-def _register_or_reuse(before: _Before, model_path: Path, config: dict[str, Any]) -> Any:
-    """The model version for these weights: registered now, or the one found before."""
-    name, client, version = before.name, before.client, before.existing
-    if version is None:
+def _find(before: _Before) -> _Found:
+    # Champion first: a failing lookup stops the stage before anything is registered.
+    return _Found(champion_of(before.client, before.name),
+                  find_version(before.client, before.name, before.weights))
+
+
+def _register_or_reuse(before: _Before, existing: Any | None, model_path: Path, config: dict[str, Any]) -> Any:
+    """The model version for these weights: registered now, or the one found under the lock."""
+    name, client = before.name, before.client
+    if existing is None:
         import mlflow
 
         model_uri = log_pyfunc(before.run_id, model_path, config)
-        tags = {**before.metric_tags, **before.origin, RUN_ID: before.run_id, MODEL_SHA: before.model_sha}
+        tags = {**before.metric_tags, **before.origin, RUN_ID: before.run_id, MODEL_SHA: before.model_sha,
+                WEIGHTS: before.weights}
         return mlflow.register_model(model_uri, name, tags=tags)
-    # Same weights, maybe re-evaluated (other threshold): the tags follow the current eval.json.
-    for key, value in {**before.metric_tags, **before.origin}.items():
-        if (version.tags or {}).get(key) != value:
-            client.set_model_version_tag(name, str(version.version), key, value)
-    return version
+    # Same weights, maybe re-evaluated (other threshold, other validation split): the metric tags
+    # follow the current eval.json; the provenance stays the run's it was registered from.
+    for key, value in before.metric_tags.items():
+        if (existing.tags or {}).get(key) != value:
+            client.set_model_version_tag(name, str(existing.version), key, value)
+    return existing
 
 
 def _rescore_note(gate: dict[str, Any]) -> str:
@@ -131,12 +150,12 @@ def _rescore_note(gate: dict[str, Any]) -> str:
             + (f"{was_on[:19]}…" if was_on else "an unrecorded split"))
 
 
-def _decide(before: _Before, version_no: str, candidate: float, data: DataSettings,
+def _decide(before: _Before, champion: Any | None, version_no: str, candidate: float, data: DataSettings,
             evaluate: EvaluateSettings) -> tuple[Decision, dict[str, Any] | None]:
-    """The champion decision for ``version_no`` and the figures it compared (None: no comparison)."""
-    champion = before.champion
+    """The champion decision for ``version_no`` against ``champion`` and the figures it compared
+    (None: no comparison)."""
     if champion is not None and str(champion.version) == version_no:
-        return Decision(False, f"version {version_no} is already the champion"), None
+        return Decision(False, f"version {version_no} is already the {CHAMPION}"), None
     # Raises when the champion cannot be re-scored: no comparison, so no promotion.
     gate = champion_gate(before.name, champion, candidate, before.val_digest, before.split_dir, data,
                          evaluate) if champion else None
@@ -145,6 +164,29 @@ def _decide(before: _Before, version_no: str, candidate: float, data: DataSettin
     if gate and gate[GATE.rescored]:
         decision = Decision(decision.promote, decision.reason + _rescore_note(gate))
     return decision, gate
+
+
+def _version_of(version: Any | None) -> str | None:
+    return None if version is None else str(version.version)
+
+
+REDECIDE = 3  # decisions made again when the champion keeps moving under one (then exit 75)
+
+
+def _decide_and_move(before: _Before, lease: Lease, champion: Any | None, version_no: str, candidate: float,
+                     data: DataSettings, evaluate: EvaluateSettings) -> tuple[Decision, dict[str, Any] | None]:
+    """Decide against ``champion``; move the aliases only if the lock is still ours and the champion
+    read again now is the one decided against (else decide again against the new one)."""
+    for _ in range(REDECIDE):
+        decision, gate = _decide(before, champion, version_no, candidate, data, evaluate)
+        lease.check()
+        now = champion_of(before.client, before.name)
+        if _version_of(now) == _version_of(champion):
+            _move_aliases(before, version_no, decision)
+            return decision, gate
+        champion = now
+    raise TransientError(f"the {CHAMPION} alias of {before.name!r} moved {REDECIDE} times while version {version_no} "
+                         f"was being decided on: no alias moved; run it again")
 
 
 def _move_aliases(before: _Before, version_no: str, decision: Decision) -> None:
@@ -156,19 +198,22 @@ def _move_aliases(before: _Before, version_no: str, decision: Decision) -> None:
     client.update_model_version(name, version_no, description=version_description(before.metrics, decision))
 
 
-def _record(before: _Before, version_no: str, decision: Decision, gate: dict[str, Any] | None,
+def _record(before: _Before, found: _Found, version_no: str, decision: Decision, gate: dict[str, Any] | None,
             candidate: float) -> dict[str, Any]:
-    """What ``reports/registration.json`` says; the aliases as the registry has them now."""
-    name, champion = before.name, before.champion
-    champion_version = version_no if decision.promote else champion.version if champion is not None else None
+    """What ``reports/registration.json`` says: the registry's aliases as they are after the move, and
+    "promoted" only if the version is the champion then."""
+    name = before.name
+    champion = _version_of(champion_of(before.client, name))
+    if decision.promote and champion != version_no:  # a writer without the lock moved it after the check
+        decision = Decision(False, f"{decision.reason}; but version {champion} was made {CHAMPION} meanwhile")
     aliases = sorted(before.client.get_model_version(name, version_no).aliases or [])
     return {RECORD.model_name: name, RECORD.version: int(version_no),
-            RECORD.model_uri: f"models:/{name}/{version_no}", RECORD.aliases: aliases,
+            RECORD.model_uri: version_uri(name, version_no), RECORD.aliases: aliases,
             RECORD.decision: decision.label, RECORD.reason: decision.reason,
-            RECORD.champion_version: int(champion_version) if champion_version is not None else None,
+            RECORD.champion_version: int(champion) if champion is not None else None,
             RECORD.val_map_50: candidate, RECORD.run_id: before.run_id, RECORD.tracking_uri: before.uri,
-            RECORD.reused_version: before.existing is not None, RECORD.provenance: before.origin,
-            RECORD.val_digest: before.val_digest, RECORD.gate: gate}
+            RECORD.reused_version: found.existing is not None, RECORD.weights_digest: before.weights,
+            RECORD.provenance: before.origin, RECORD.val_digest: before.val_digest, RECORD.gate: gate}
 
 
 def register(settings: Settings, model_path: str | Path = MODEL_FILE, eval_file: str | Path = EVAL_FILE,
@@ -178,13 +223,16 @@ def register(settings: Settings, model_path: str | Path = MODEL_FILE, eval_file:
     settings of :data:`PARAMS`; returns what it writes to ``out``."""
     model_path = Path(model_path)
     before = _read_before(settings.registry, model_path, Path(eval_file), run_file, data_dir)
-    version = _register_or_reuse(before, model_path, model_config(settings.data, settings.evaluate))
-    version_no = str(version.version)
-    if (version.tags or {}).get(LOAD_CHECK) != LOAD_PASSED:  # checked once per version: the weights do not change
-        check_version(before.client, before.name, version_no, before.split_dir)
-    candidate = float(before.metrics[METRIC])
-    decision, gate = _decide(before, version_no, candidate, settings.data, settings.evaluate)
-    _move_aliases(before, version_no, decision)
-    record = _record(before, version_no, decision, gate, candidate)
+    config = model_config(settings.data, settings.evaluate)
+    with registry_lock(before.client, before.name) as lease:
+        found = _find(before)
+        version = _register_or_reuse(before, found.existing, model_path, config)
+        version_no = str(version.version)
+        if (version.tags or {}).get(LOAD_CHECK) != LOAD_PASSED:  # checked once per version: the weights do not change
+            check_version(before.client, before.name, version_no, before.split_dir)
+        candidate = float(before.metrics[METRIC])
+        decision, gate = _decide_and_move(before, lease, found.champion, version_no, candidate, settings.data,
+                                          settings.evaluate)
+        record = _record(before, found, version_no, decision, gate, candidate)
     atomic_write_json(out, record)
     return record

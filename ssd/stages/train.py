@@ -22,9 +22,11 @@ from ssd.engine.setup import build, run_tags
 from ssd.mlops.provenance import provenance
 from ssd.mlops.tracking import EXPERIMENT, Tracker, ensure_reachable, run_name, tracking_uri
 from ssd.stages import common
+from ssd.util.errors import Interrupted
 from ssd.util.settings import Settings
 
-PARAMS = ("base", "data.classes", "data.image_size", "data.max_image_pixels", "model", "train")
+PARAMS = ("base", "data.classes", "data.image_size", "data.max_image_pixels", "data.max_boxes_per_image", "data.max_label_line_bytes", "data.max_label_rows",
+          "model", "train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +69,11 @@ def train(settings: Settings, paths: TrainPaths, info: dist.DistInfo, uri: str) 
                   run_name=run_name(origin.get("git_commit", "unknown")), params=setup.params,
                   tags={**origin, **run_tags(setup)}, data=paths.data)
     try:
+        tracker.backfill(progress.history)  # epochs a stopped run checkpointed but never logged
         fit(setup, progress, paths, tracker)
         final = finish(setup, progress, paths, tracker, origin)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as exc:
+        tracker.end("KILLED" if isinstance(exc, Interrupted) else "FAILED")
         raise
     tracker.end()
     return final

@@ -8,6 +8,9 @@
 75  transient failure (``EX_TEMPFAIL``, :class:`TransientError`): a server unreachable, a
     connection lost, or HTTP 5xx/429 after the command's own bounded retries; the same command
     may succeed later, and the retraining flow retries a stage on this code alone
+130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM (a Prefect Cancel, ``kill``): 128 + the signal, as
+    shells report it. The command stopped cleanly (:class:`Interrupted`): locks freed, the MLflow
+    run ended as KILLED, checkpoints kept; running it again resumes
 ==  ==========================================================================================
 
 When ``SSD_EXIT_STATUS_FILE`` (:data:`EXIT_STATUS_ENV`) is set, ``ssd`` also writes its status
@@ -23,6 +26,20 @@ EXIT_STATUS_ENV = "SSD_EXIT_STATUS_FILE"
 
 class TransientError(RuntimeError):
     """A failure that may go away on its own (network, a tracking or download server): exit 75."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived (raised from the signal handler ``ssd.cli`` installs): exit 128 + signal.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` swallows it, every
+    ``finally`` and context manager on the way out runs."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 # Error codes only a server that is failing or overloaded answers with (HTTP 5xx, 429).

@@ -5,6 +5,7 @@ at most a stray ``.tmp-*`` file that the next write replaces. Also the one file-
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,9 +28,16 @@ def _umask() -> int:
     return mask
 
 
+MIN_FREE_BYTES = 1 << 20  # a failed write with less than this left on its filesystem ran out of space
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``."""
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    A write that fails for want of space raises ``OSError(ENOSPC)`` saying so and naming ``path``,
+    whatever the writer raised (``torch.save`` reports a full disk as an "unexpected pos" error).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=path.suffix, dir=path.parent)
@@ -39,9 +47,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # mkstemp makes owner-only files; give results the usual permissions.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if _out_of_space(exc, path.parent):  # checked before the partial file goes
+            raise OSError(errno.ENOSPC, f"no space left on device writing {path} "
+                                        f"({shutil.disk_usage(path.parent).free} bytes free there)") from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < MIN_FREE_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -141,6 +141,9 @@ class DataSettings(_Section):
     image_size: int = _key(integer(32))  # TinySSD halves the image 5 times before its last scale
     strict: bool = _key(boolean())
     max_image_pixels: int = _key(integer(1))
+    max_boxes_per_image: int = _key(integer(1))
+    max_label_line_bytes: int = _key(integer(64))  # a row of short names and numbers fits in 64 bytes
+    max_label_rows: int = _key(integer(1))
     synthetic: SyntheticSettings
 
 

@@ -210,3 +210,49 @@ def test_lineage_from_training_run_to_model_version_and_predict(tmp_path, monkey
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert json.loads(predicted.stdout)[0]["detections"]
     assert not [line for line in predicted.stderr.splitlines() if "warning" in line.lower()], predicted.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_a_validation_change_keeps_lineage_and_version(tmp_path, monkeypatch, mlflow_server):
+    """A second training that changed only the validation split resumed with nothing to do, yet
+    registered a new version of the same weights, retagged the run with the new commit and data
+    hash, and listed a second `bananas_val` input."""
+    import mlflow
+
+    from tiny_data import write_split
+
+    name, experiment = "tinyssd-resume-lineage", "tinyssd-resume-lineage"
+    project = make_project(tmp_path / "p", epochs=1)
+    (project / "data/raw/manifest.json").write_text(json.dumps({"resolved_source": "d2l", "url": URL}))
+    first_commit = _git_project(project)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    first_hashes = dvc_md5(project / "data/raw")
+    stages = (["train", "--experiment", experiment], ["evaluate", "-S", "evaluate.gallery_images=1"],
+              ["register", "-S", f"registry.model_name={name}"])
+    for stage in stages:
+        assert cli_main(stage) == 0, stage
+    run_id = read_run_file()["run_id"]
+
+    write_split(project / "data/raw/banana-detection/bananas_val", 4, 64, seed=7)  # another validation split
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit",
+                    "-q", "--allow-empty", "-m", "later"], check=True)
+    assert dvc_md5(project / "data/raw")["."] != first_hashes["."]
+    for stage in stages:
+        assert cli_main(stage) == 0, stage
+    assert read_run_file()["run_id"] == run_id  # resumed, nothing left to train
+
+    record = json.loads((project / "reports/registration.json").read_text())
+    assert (record["version"], record["reused_version"]) == (1, True)
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+    assert [v.version for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    run = client.get_run(run_id)
+    assert run.data.tags["git_commit"] == first_commit and first_commit[:7] in run.info.run_name
+    assert run.data.tags["data_hash"] == f"dvc-md5:{first_hashes['.']}"
+    digests = sorted((i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs)
+    assert digests == [("bananas_train", first_hashes["banana-detection/bananas_train"]),
+                       ("bananas_val", first_hashes["banana-detection/bananas_val"])]
+    # The version's validation figures follow the new split; its provenance stays the run's.
+    version = client.get_model_version(name, "1")
+    assert version.tags["val_digest"] == "dvc-md5:" + dvc_md5(project / "data/raw/banana-detection/bananas_val")["."]
+    assert version.tags["git_commit"] == first_commit

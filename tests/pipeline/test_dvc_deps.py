@@ -109,6 +109,9 @@ def test_the_checks_can_fail():
         "stage 'register' misses param data.image_size (read by `ssd register`)",
         "stage 'register' misses param data.max_image_pixels (read by `ssd register`)",
         "stage 'register' misses param data.classes (read by `ssd register`)",
+        "stage 'register' misses param data.max_boxes_per_image (read by `ssd register`)",
+        "stage 'register' misses param data.max_label_line_bytes (read by `ssd register`)",
+        "stage 'register' misses param data.max_label_rows (read by `ssd register`)",
         "stage 'register' lists param data.source, which `ssd register` does not read"]
 
 

@@ -1,5 +1,6 @@
 """Atomic writes: readers see the old result or the new one, never half of one."""
 import json
+import re
 
 import matplotlib
 import pytest
@@ -98,3 +99,20 @@ class TestAtomicDir:
         with atomic_dir(tmp_path / "x" / "new") as tmp:
             (tmp / "f").write_text("1")
         assert (tmp_path / "x" / "new" / "f").read_text() == "1"
+
+
+def test_a_full_disk_is_named_and_keeps_the_previous_file(small_disk):
+    import errno
+
+    import torch
+
+    from ssd.util.files import atomic_torch_save, atomic_write_bytes
+
+    target = small_disk / "model.pt"
+    atomic_write_bytes(target, b"previous")
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] no space left on device writing {re.escape(str(target))} ") as info:
+        atomic_torch_save({"w": torch.zeros(1 << 20)}, target)  # 4 MiB on a 1 MiB disk
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError, match="no space left on device writing"):
+        atomic_write_bytes(target, bytes(2 << 20))
+    assert target.read_bytes() == b"previous" and [p.name for p in small_disk.iterdir()] == ["model.pt"]
