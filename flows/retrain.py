@@ -3,42 +3,49 @@
     python -m flows.retrain serve                 # the weekly deployment, served from this machine
     python -m flows.retrain run -S train.epochs=5 # one run now, without a server-side deployment
 
-Each task runs ``dvc repro --single-item <stage>`` in the project directory (``flows.stage_runner``),
-so the flow executes exactly the commands of ``dvc.yaml``: an unchanged stage is skipped, ``dvc.lock``
-stays true, and no stage logic lives here. The fetch task runs the always-run ``source`` stage first,
-which rewrites the source's fingerprint only when the data changed upstream, so fetch (and what
-depends on the data) reruns exactly then. The run summary says whether
-the data was fetched again and why (``ssd.data.source.fetch_reason``). The stage's stdout and stderr are
-streamed into the task's Prefect log line by line; a stage that fails raises ``StageFailed`` naming
-the stage and the last lines of its stderr (``TransientStageFailure`` when its command exited 75).
+Every flow run works in its own workspace (``flows.workspace``): a git worktree of the project at
+its ``HEAD`` that shares the project's DVC cache. The deployment's checkout is never edited, so two
+runs at once keep their own params. The run's params overrides are written into the workspace's
+``params.yaml`` (``flows.params_file``: comments kept) like ``dvc exp run -S key=value``; ``nproc``
+and ``source`` are shorthands for ``train.nproc`` and ``data.source``. At the end the workspace is
+saved as a DVC experiment named after the flow run (params, ``dvc.lock``, metrics, plots), its data
+and model are pushed to the DVC remote and its ref to the git remote ``origin`` when there is one.
+A run whose params equal an earlier experiment's on the same commit continues from that one (its
+``dvc.lock`` and outputs), so unchanged stages are skipped and training resumes from checkpoints.
 
-Parameters work like ``dvc exp run -S key=value``: the overrides are written into ``params.yaml``
-(``flows.params_file``: atomically, comments kept) before the stages run, so the workspace, ``dvc.lock`` and the model
-agree afterwards. ``nproc`` and ``source`` are shorthands for ``train.nproc`` (the number of torchrun
-processes in the train stage's command) and ``data.source``.
+Each task runs ``dvc repro --single-item <stage>`` in the workspace (``flows.stage_runner``), so the
+flow executes exactly the commands of ``dvc.yaml``: an unchanged stage is skipped and no stage logic
+lives here. The fetch task runs the always-run ``source`` stage first, which rewrites the source's
+fingerprint only when the data changed upstream, so fetch (and what depends on the data) reruns
+exactly then; the summary (``flows.summary``) says whether the data was fetched again and why. The
+stage's output is streamed into the task's Prefect log line by line; a stage that fails raises
+``StageFailed`` naming the stage and the last lines of its stderr (``TransientStageFailure`` when
+its command exited 75).
 
 Retries follow the ``ssd`` exit codes (``ssd.util.errors``) alone: a task is retried, with exponential
 backoff, when (and only when) its stage's command exited 75 (transient: a server unreachable, or
 5xx/429 after the command's own bounded retries); exit 1 (refused input, failed check) fails at once.
 DVC exits 255 whatever its command's status, so each stage reports that status in the file named by
-``SSD_EXIT_STATUS_FILE``, which ``run_stage`` sets; nothing human-readable is parsed. The summary
-artifact: ``flows.summary``. The tasks
+``SSD_EXIT_STATUS_FILE``, which ``run_stage`` sets; nothing human-readable is parsed. The tasks
 retried are those that talk to servers: fetch (the dataset's) and register (MLflow's).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.params_file import flow_overrides, write_params
 from flows.stage_runner import TransientStageFailure, run_stage
 from flows.summary import collect_results, summary_markdown
+from flows.workspace import continue_from_experiment, experiment_name, publish, run_workspace
 from ssd.data.source import fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.data.layout import RAW_DIR, SOURCE_FILE
 
@@ -58,9 +65,9 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientStageFailure)
 
 
-def _stage(stage: str, project_dir: str) -> str:
+def _stage(stage: str, project_dir: str, env: dict[str, str] | None) -> str:
     logger = get_run_logger()
-    outcome = run_stage(stage, project_dir, logger.info)
+    outcome = run_stage(stage, project_dir, logger.info, env)
     logger.info("stage %r %s", stage, outcome)
     return outcome
 
@@ -68,34 +75,34 @@ def _stage(stage: str, project_dir: str) -> str:
 # The tasks: one per stage, named as in dvc.yaml. Pure compute is not retried.
 @task(name="fetch", retries=FETCH_RETRIES, retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S),
       retry_jitter_factor=0.2, retry_condition_fn=_retry_transient)
-def fetch(project_dir: str) -> str:
+def fetch(project_dir: str, env: dict[str, str] | None = None) -> str:
     """Check the source's fingerprint; download (or generate) the dataset when it changed."""
-    return _stage("fetch", project_dir)
+    return _stage("fetch", project_dir, env)
 
 
 @task(name="validate")
-def validate(project_dir: str) -> str:
+def validate(project_dir: str, env: dict[str, str] | None = None) -> str:
     """Check every image and label row."""
-    return _stage("validate", project_dir)
+    return _stage("validate", project_dir, env)
 
 
 @task(name="train")
-def train(project_dir: str) -> str:
+def train(project_dir: str, env: dict[str, str] | None = None) -> str:
     """Train under torchrun with ``train.nproc`` processes (the stage's command in dvc.yaml)."""
-    return _stage("train", project_dir)
+    return _stage("train", project_dir, env)
 
 
 @task(name="evaluate")
-def evaluate(project_dir: str) -> str:
+def evaluate(project_dir: str, env: dict[str, str] | None = None) -> str:
     """mAP, precision/recall and pictures on the validation split."""
-    return _stage("evaluate", project_dir)
+    return _stage("evaluate", project_dir, env)
 
 
 @task(name="register", retries=2, retry_delay_seconds=exponential_backoff(FETCH_BACKOFF_S),
       retry_condition_fn=_retry_transient)
-def register(project_dir: str) -> str:
+def register(project_dir: str, env: dict[str, str] | None = None) -> str:
     """Register the model in MLflow and move the champion/challenger aliases."""
-    return _stage("register", project_dir)
+    return _stage("register", project_dir, env)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,10 +111,11 @@ def register(project_dir: str) -> str:
 @flow(name=FLOW_NAME, log_prints=True)
 def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = None, nproc: int | None = None,
             source: str | None = None, fetch_backoff_s: float = FETCH_BACKOFF_S) -> dict[str, Any]:
-    """fetch -> validate -> train -> evaluate -> register, as ``dvc repro`` would, with a run summary.
+    """fetch -> validate -> train -> evaluate -> register in the run's own workspace, saved as a DVC
+    experiment named after the flow run, with a run summary.
 
-    ``overrides``: ``key.sub=value`` items applied to ``params.yaml`` first (like ``dvc exp run -S``);
-    ``nproc``: torchrun processes for training (``train.nproc``); ``source``: the dataset
+    ``overrides``: ``key.sub=value`` items applied to the workspace's ``params.yaml`` (like ``dvc exp
+    run -S``); ``nproc``: torchrun processes for training (``train.nproc``); ``source``: the dataset
     (``data.source``: auto, d2l, synthetic, a URL or a zip path); ``fetch_backoff_s``: the first
     delay of the fetch task's retries (then doubling).
     """
@@ -115,21 +123,40 @@ def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = Non
     project = Path(project_dir).resolve()
     if not (project / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{project}: no dvc.yaml (project_dir must be the repository root)")
-    changed = write_params(project / "params.yaml", flow_overrides(overrides, nproc, source))
-    logger.info("params.yaml: %s", ", ".join(changed) or "unchanged")
-
-    fetched_from = fetched_fingerprint(project / RAW_DIR)  # before fetch may replace the data
-    outcomes = {"fetch": fetch.with_options(
-        retry_delay_seconds=exponential_backoff(fetch_backoff_s)(FETCH_RETRIES))(str(project))}
-    data = fetch_reason(fetched_from, read_fingerprint(project / SOURCE_FILE), outcomes["fetch"])
-    logger.info("data: %s", data["reason"])
-    for stage_task in (validate, train, evaluate, register):
-        outcomes[stage_task.name] = stage_task(str(project))
-
-    results = collect_results(project)
-    create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed, data), key=ARTIFACT_KEY,
+    name = experiment_name(flow_run.get_name() or "run")
+    with run_workspace(project, name, logger.info) as workspace:
+        changed = write_params(workspace / "params.yaml", flow_overrides(overrides, nproc, source))
+        logger.info("params.yaml (this run's workspace): %s", ", ".join(changed) or "unchanged")
+        continue_from_experiment(workspace, logger.info)
+        outcomes, data = _run_stages(workspace, stage_environment(project, name), fetch_backoff_s)
+        results = collect_results(workspace)
+        experiment = publish(workspace, name, ("source", *outcomes), logger.info)
+    create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed, data, experiment),
+                             key=ARTIFACT_KEY,
                              description="TinySSD retraining: data, metrics, model version, champion decision")
-    return {"stages": outcomes, "params_changed": changed, "data": data, **results}
+    return {"stages": outcomes, "params_changed": changed, "data": data, "experiment": experiment, **results}
+
+
+def _run_stages(workspace: Path, env: dict[str, str], fetch_backoff_s: float) -> tuple[dict[str, str], dict]:
+    """Every stage in order in ``workspace``; the outcomes and why the data was (not) fetched again."""
+    fetched_from = fetched_fingerprint(workspace / RAW_DIR)  # before fetch may replace the data
+    outcomes = {"fetch": fetch.with_options(
+        retry_delay_seconds=exponential_backoff(fetch_backoff_s)(FETCH_RETRIES))(str(workspace), env)}
+    data = fetch_reason(fetched_from, read_fingerprint(workspace / SOURCE_FILE), outcomes["fetch"])
+    get_run_logger().info("data: %s", data["reason"])
+    for stage_task in (validate, train, evaluate, register):
+        outcomes[stage_task.name] = stage_task(str(workspace), env)
+    return outcomes, data
+
+
+def stage_environment(project: Path, name: str) -> dict[str, str]:
+    """What the stages of run ``name`` see beyond the flow's environment: the experiment's name (the
+    MLflow run is named after it) and, without MLFLOW_TRACKING_URI, the project's own SQLite store (the
+    embedded default is relative to the working directory, here a temporary workspace)."""
+    env = {"DVC_EXP_NAME": name}
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    return env
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,25 +59,28 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = print) -> str:
+def run_stage(stage: str, project_dir: str | Path, log: Callable[[str], None] = print,
+              env: dict[str, str] | None = None) -> str:
     """Run ``stage`` (after its :data:`UPSTREAM` stages) in ``project_dir``, passing each output line
     to ``log``; returns :data:`RAN`, :data:`RESTORED` or :data:`SKIPPED` for ``stage`` itself.
+    ``env``: variables for the stage's commands beyond :func:`stage_env`'s.
 
     Raises ``TransientStageFailure`` when a stage fails and its command exited 75, else
     ``StageFailed`` naming ``stage`` (also for an upstream stage's failure: it is part of this one's
     task), with the last lines of stderr.
     """
+    env = {**stage_env(), **(env or {})}
     for upstream in UPSTREAM.get(stage, ()):
-        _run_one(upstream, Path(project_dir), log, label=stage)
-    return _run_one(stage, Path(project_dir), log, label=stage)
+        _run_one(upstream, Path(project_dir), log, stage, env)
+    return _run_one(stage, Path(project_dir), log, stage, env)
 
 
-def _run_one(stage: str, project: Path, log: Callable[[str], None], label: str) -> str:
+def _run_one(stage: str, project: Path, log: Callable[[str], None], label: str, env: dict[str, str]) -> str:
     before = _lock_entry(project, stage)
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with tempfile.TemporaryDirectory(prefix="ssd-stage-") as tmp:
         status_file = Path(tmp) / "exit_status"
-        tails, returncode = _stream(command, project, {**stage_env(), EXIT_STATUS_ENV: str(status_file)}, log)
+        tails, returncode = _stream(command, project, {**env, EXIT_STATUS_ENV: str(status_file)}, log)
         status = _read_status(status_file)
     if returncode != 0:
         tail = "\n".join(tails["stderr"] or tails["stdout"]) or f"exit status {returncode}"

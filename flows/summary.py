@@ -40,6 +40,13 @@ def _gate_line(gate: dict[str, Any] | None) -> str | None:
     return line + f" (its stored {METRIC}, computed on this same split)"
 
 
+def _experiment_line(experiment: dict[str, Any]) -> str:
+    name = experiment.get("experiment")
+    where = "pushed to the git and DVC remotes" if experiment.get("ref_pushed") else "in this repository"
+    return (f"**DVC experiment** `{name}` ({where}): `dvc exp show` lists it with its params and metrics; "
+            f"`dvc exp apply {name}` and `dvc pull` restore its workspace")
+
+
 def _model_line(reg: dict[str, Any], registered_now: bool) -> str:
     if registered_now and reg.get(RECORD.decision) == PROMOTED:
         standing = "**became champion**"
@@ -53,12 +60,15 @@ def _model_line(reg: dict[str, Any], registered_now: bool) -> str:
 
 
 def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
-                     data: dict[str, Any] | None = None) -> str:
-    """The run's markdown artifact: whether the data was fetched again and why (``data``, from
+                     data: dict[str, Any] | None = None, experiment: dict[str, Any] | None = None) -> str:
+    """The run's markdown artifact: the DVC experiment it saved (``experiment``, from
+    ``flows.workspace.publish``), whether the data was fetched again and why (``data``, from
     ``ssd.data.source.fetch_reason``), stages, metrics table, model version and champion decision."""
     reg = results.get("registration") or {}
     registered_now = outcomes.get("register") == RAN
     lines = ["# TinySSD retraining", ""]
+    if experiment:
+        lines += [_experiment_line(experiment), ""]
     if data:
         fetched = "fetched again" if data.get("fetched") else "not fetched again"
         lines += [f"**Data** {fetched}: {data.get('reason')}", ""]

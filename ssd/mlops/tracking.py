@@ -198,12 +198,31 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None = None,
             import warnings
 
             warnings.warn(f"MLflow run {run_id} is not in {uri}; starting a new run", stacklevel=2)
+    _create_experiment(store, uri, experiment)
     found = mlflow.set_experiment(experiment)
     if EXPERIMENT_KIND_TAG not in found.tags:
         # MLflow 3's UI opens an experiment of unknown kind on its GenAI traces overview (empty here);
         # this tag makes it open on the training runs, with their datasets and model versions.
         store.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     return mlflow.start_run(run_name=run_name), False
+
+
+def _create_experiment(store: Any, uri: str, experiment: str) -> None:
+    """Create ``experiment`` if missing; with a local SQLite store its artifacts go beside the database.
+
+    MLflow's own default is ``./mlruns`` of whichever folder first creates the experiment: a flow
+    run's temporary workspace would take the artifacts away with it.
+    """
+    if store.get_experiment_by_name(experiment) is not None:
+        return
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / experiment).as_uri()
+    try:
+        store.create_experiment(experiment, artifact_location=location)
+    except Exception as exc:  # another process created it first: that one is used
+        if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")):
+            raise
 
 
 class Tracker:

@@ -23,7 +23,8 @@ import pytest
 
 from flows import retrain as rt
 from flows.stage_runner import StageFailed
-from project_copy import copy_project
+from flows.workspace import experiment_name
+from project_copy import copy_project, git_init
 from servers import dead_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,10 +78,26 @@ def _quiet_dvc(monkeypatch):
 
 
 def make_project(root: Path) -> Path:
-    """A copy of the working tree (no pipeline outputs) as a fresh git repo (DVC wants one; no commit)."""
+    """A copy of the working tree (no pipeline outputs) as a fresh git repo with one commit: the
+    deployment's checkout, whose HEAD each flow run's workspace starts from."""
     copy_project(root)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    git_init(root, {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                    "GIT_COMMITTER_EMAIL": "t@t"})
     return root
+
+
+def checkout_state(root: Path) -> tuple[str, bytes]:
+    """What a flow run must leave as it was: git's view of the checkout and the params file."""
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    return status.stdout, (root / "params.yaml").read_bytes()
+
+
+def experiments(root: Path) -> dict[str, dict]:
+    """``dvc exp show --json`` in ``root``: each experiment's name -> its params.yaml and metrics."""
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True,
+                           text=True, check=True)
+    return {exp["name"]: exp["revs"][0]["data"] for base in json.loads(shown.stdout)
+            for exp in base.get("experiments") or []}
 
 
 def build_zips(folder: Path) -> dict[str, bytes]:
@@ -173,6 +190,16 @@ def task_runs(flow_run_id) -> dict:
     return {run.name.rsplit("-", 1)[0]: run for run in asyncio.run(read())}
 
 
+def flow_run_name(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run_id)).name
+
+    return asyncio.run(read())
+
+
 def log_lines(flow_run_id) -> list[str]:
     """The flow run's log messages as stored by the Prefect server."""
     from prefect.client.orchestration import get_client
@@ -209,11 +236,14 @@ def trained(prefect_api, archive_server, tmp_path_factory):
     from ssd.data.download import RETRIES
 
     project = make_project(tmp_path_factory.mktemp("project"))
+    before = checkout_state(project)
     archive_server.fail["/good.zip"] = RETRIES + 1  # every attempt of the first `ssd fetch`
     archive_server.log.clear()
     started = time.monotonic()
     state = run_flow(project_dir=str(project), overrides=TINY, nproc=2, source=archive_server.url("/good.zip"))
-    return {"project": project, "state": state, "log": list(archive_server.log), "seconds": time.monotonic() - started}
+    return {"project": project, "state": state, "log": list(archive_server.log), "seconds": time.monotonic() - started,
+            "checkout_before": before, "parameters": {"overrides": TINY, "nproc": 2,
+                                                      "source": archive_server.url("/good.zip")}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,25 +330,29 @@ def test_flow_end_to_end_with_flaky_fetch(trained):
     assert all(runs[s].run_count == 1 for s in rt.STAGES[1:])
     # nproc=2 reached torchrun through train.nproc; the stage's output arrived in Prefect line by line.
     assert result["train"]["world_size"] == 2
-    assert "--nproc-per-node 2" in (project / "dvc.lock").read_text()
     logs = log_lines(state.state_details.flow_run_id)
     assert "> torchrun --standalone --nproc-per-node 2 -m ssd train" in logs
     assert {"> ssd source", "> ssd fetch --fingerprint data/source.json", "> ssd validate", "> ssd evaluate",
             "> ssd register"} <= set(logs)
     assert any("examples/sec" in line and "\n" not in line for line in logs), logs[-20:]
-    # The stages' outputs exist and dvc.lock is true: nothing left to reproduce but the `source`
-    # check, which runs every time by design (always_changed).
-    for path in ("models/model.pt", "reports/train.json", "reports/eval.json", "reports/registration.json"):
-        assert (project / path).is_file(), path
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
-                            text=True)
-    assert status.returncode == 0, status.stdout + status.stderr
-    assert json.loads(status.stdout) == {"source": ["always changed"]}, status.stdout
+    # The run worked in its own workspace: the deployment's checkout is as it was, the workspace is
+    # gone, and the run is a DVC experiment named after the flow run, with its params and metrics.
+    assert checkout_state(project) == trained["checkout_before"]
+    assert not any((project / ".dvc/tmp/flow-runs").glob("*/"))
+    name = result["experiment"]["experiment"]
+    assert name == experiment_name(flow_run_name(state.state_details.flow_run_id))
+    shown = experiments(project)[name]
+    assert shown["params"]["params.yaml"]["data"]["train"]["nproc"] == 2
+    assert shown["metrics"]["reports/eval.json"]["data"]["map_50"] == pytest.approx(result["eval"]["map_50"])
+    lock = subprocess.run(["git", "show", f"{result['experiment']['rev']}:dvc.lock"], cwd=project, capture_output=True,
+                          text=True, check=True).stdout
+    assert "--nproc-per-node 2" in lock
     # The run's summary: metrics from both reports, model version 1, promoted to champion (the first).
     reg = result["registration"]
     assert reg["version"] == 1 and "champion" in reg["aliases"]
     markdown = artifact(state.state_details.flow_run_id).data
     assert "version **1**" in markdown and "**became champion**" in markdown
+    assert f"**DVC experiment** `{name}`" in markdown
     assert "| reports/eval.json | map_50 |" in markdown and "| reports/train.json |" in markdown
     assert "`train.epochs=1`" in markdown
 
@@ -425,6 +459,7 @@ def test_schedule_fires_served_deployment(prefect_api, archive_server, tmp_path)
     from servers import process_group
 
     project = make_project(tmp_path / "project")
+    before = checkout_state(project)
     cron, due = cron_due_soon()
     command = [sys.executable, "-m", "flows.retrain", "serve", "--name", "daily-test", "--cron", cron,
                "--source", archive_server.url("/good.zip")] + [a for item in TINY for a in ("-S", item)]
@@ -436,14 +471,15 @@ def test_schedule_fires_served_deployment(prefect_api, archive_server, tmp_path)
     markdown = artifact(run.id).data
     assert all(f"| {stage} | ran |" in markdown for stage in rt.STAGES), markdown
     assert "version **1**" in markdown and "**became champion**" in markdown
-    assert (project / "models" / "model.pt").is_file()
+    assert checkout_state(project) == before and experiment_name(run.name) in experiments(project)
 
 
 def test_schedule_fires_on_process_worker(trained, prefect_api, tmp_path):
     """The README's cluster path on a real server: `prefect work-pool create`, `prefect deploy` from
     prefect.yaml and `prefect worker start`. The weekly schedule fills the deployment's upcoming runs
     with Mondays 03:00 UTC; the same file with a cron due in a minute gets its run executed by the
-    worker (in the trained project, where every stage is up to date)."""
+    worker. The deployment's parameters are the trained run's, so that run continues from the trained
+    run's experiment, where every stage is up to date."""
     from servers import process_group
 
     project = trained["project"]
@@ -467,7 +503,8 @@ def test_schedule_fires_on_process_worker(trained, prefect_api, tmp_path):
 
     cron, due = cron_due_soon()
     config = project / "prefect.yaml"
-    config.write_text(config.read_text().replace(f'cron: "{rt.WEEKLY_CRON}"', f'cron: "{cron}"'))
+    text = config.read_text().replace(f'cron: "{rt.WEEKLY_CRON}"', f'cron: "{cron}"')
+    config.write_text(text.replace("parameters: {}", f"parameters: {json.dumps(trained['parameters'])}"))
     prefect("deploy", "--name", rt.DEPLOYMENT_NAME, "--pool", "tinyssd-test", "--no-prompt")
     log_path = tmp_path / "worker.log"
     with process_group([sys.executable, "-m", "prefect", "worker", "start", "--pool", "tinyssd-test"], log_path,

@@ -13,10 +13,12 @@ import hashlib
 import http.server
 import json
 import os
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+import zipfile
 from typing import Iterator
 
 import pytest
@@ -314,8 +316,13 @@ def test_flow_retrains_when_the_zip_changes_and_rescores_the_champion(prefect_ap
     archive = tmp_path / "bananas.zip"
     generate_archive(archive, seed=0, train=16, val=8, image_size=160)
     overrides = TINY + [f"registry.model_name={name}"]
-    val_split = project / "data/raw/banana-detection/bananas_val"
     seconds = {}
+
+    def val_split(label: str) -> Path:
+        """The archive's validation split as the runs read it (their workspaces are gone)."""
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp_path / label)
+        return tmp_path / label / "banana-detection/bananas_val"
 
     def run(label: str) -> tuple[dict, str]:
         started = time.monotonic()
@@ -326,7 +333,7 @@ def test_flow_retrains_when_the_zip_changes_and_rescores_the_champion(prefect_ap
 
     first, _ = run("first")
     assert first["stages"] == {s: "ran" for s in rt.STAGES} and first["data"]["fetched"]
-    digest_a = split_digest(val_split)
+    digest_a = split_digest(val_split("a"))
     assert first["registration"]["val_digest"] == digest_a and first["registration"]["gate"] is None
 
     second, markdown = run("unchanged")
@@ -345,16 +352,19 @@ def test_flow_retrains_when_the_zip_changes_and_rescores_the_champion(prefect_ap
 
     # The gate: version 1 was scored on split A; version 2 on split B. Version 1 was re-scored on B
     # (independently checked here with the same function), and that figure decided.
-    reg, digest_b = third["registration"], split_digest(val_split)
+    reg, digest_b = third["registration"], split_digest(val_split("b"))
     gate = reg["gate"]
     assert digest_b != digest_a and reg["version"] == 2 and gate["val_digest"] == digest_b
     assert gate["rescored"] and gate["champion_version"] == 1 and gate["champion_stored_val_digest"] == digest_a
     assert gate["champion_stored_map_50"] == pytest.approx(first["eval"]["map_50"])
     assert gate["candidate_map_50"] == pytest.approx(third["eval"]["map_50"])
-    settings = load_settings(project / "params.yaml")
+    run_params = tmp_path / "run-params.yaml"  # the params the runs had: the project's plus the overrides
+    run_params.write_text(subprocess.run(["git", "show", f"{third['experiment']['rev']}:params.yaml"], cwd=project,
+                                         capture_output=True, text=True, check=True).stdout)
+    settings = load_settings(run_params)
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
-    rescored = rescore_version(name, 1, val_split, settings.data, settings.evaluate)["map_50"]
+    rescored = rescore_version(name, 1, val_split("b"), settings.data, settings.evaluate)["map_50"]
     assert gate["champion_rescored_map_50"] == pytest.approx(rescored, abs=1e-9) == gate["champion_map_50"]
     assert (reg["decision"] == "promoted") == (gate["candidate_map_50"] > rescored)
     assert "**Champion gate**" in markdown and "re-scored on this split" in markdown and digest_a[:19] in markdown
