@@ -58,7 +58,7 @@ class TrainPaths:
 
 
 class RunLog(Protocol):
-    """Where rank 0 reports the training (``ssd.mlops.tracking.Tracker``, a no-op on other ranks)."""
+    """Where rank 0 reports the training (``ssd.mlops.training_run.Tracker``, a no-op on other ranks)."""
     run_id: str
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None: ...

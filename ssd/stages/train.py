@@ -20,7 +20,8 @@ from ssd.engine import distributed as dist
 from ssd.engine.loop import TrainPaths, finish, fit, resume, workspace_lock
 from ssd.engine.setup import build, run_tags
 from ssd.mlops.provenance import provenance
-from ssd.mlops.tracking import EXPERIMENT, Tracker, ensure_reachable, run_name, tracking_uri
+from ssd.mlops.tracking import ensure_reachable, tracking_uri
+from ssd.mlops.training_run import EXPERIMENT, Tracker, run_name
 from ssd.stages import common
 from ssd.util.errors import Interrupted
 from ssd.util.settings import Settings

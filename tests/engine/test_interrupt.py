@@ -40,7 +40,7 @@ def test_sigterm_ends_the_run_killed_frees_the_lock_and_the_rerun_resumes(tmp_pa
 def test_a_resumed_run_gets_the_epochs_it_never_logged(mlflow_server):
     import mlflow
 
-    from ssd.mlops.tracking import Tracker
+    from ssd.mlops.training_run import Tracker
 
     mlflow.set_tracking_uri(mlflow_server)
     with mlflow.start_run() as run:

@@ -16,7 +16,8 @@ import torch
 
 from ssd.cli import main as cli_main
 from ssd.mlops.provenance import PROVENANCE_KEYS, data_source, dvc_md5, provenance
-from ssd.mlops.tracking import flatten_params, read_run_file, run_name
+from ssd.mlops.tracking import read_run_file
+from ssd.mlops.training_run import flatten_params, run_name
 from tiny_data import make_project, train_env
 
 URL = "http://example.invalid/banana-detection.zip"
