@@ -41,9 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = read_model(args.model)
-    settings, notes = model_params.resolve(model_params.given_params(args, PARAMS), PARAMS, file_settings(model),
-                                           args.model)
+    given = model_params.given_params(args, PARAMS)  # a bad param is reported before the model is read
+    settings, notes = model_params.resolve(given, PARAMS, file_settings(read_model(args.model)), args.model)
     for note in notes:
         print(f"ssd evaluate: note: {note}", file=sys.stderr)
     metrics = evaluate(settings, args.model, args.data, args.reports, args.run_file)
