@@ -17,7 +17,7 @@ from ssd.mlops.models import pyfunc_parts
 from ssd.stages import model_params
 from tiny_data import write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ssd(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
