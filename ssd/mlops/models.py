@@ -31,6 +31,7 @@ import torch
 from ssd.core.model import ModelFile, TinySSD, read_model
 from ssd.engine.inference import (DEFAULT_IMAGE_SIZE, DEFAULT_NMS_THRESHOLD, PER_CLASS_NMS, Detector, ModelSource,
                                   best_device)
+from ssd.mlops.records import version_uri
 from ssd.mlops.tracking import client as mlflow_client
 from ssd.mlops.tracking import is_missing, tracking_uri
 from ssd.util.errors import TransientError, is_transient
@@ -137,7 +138,7 @@ def _resolve(client: Any, uri: str) -> tuple[ModelSource, str]:
         except Exception as exc:
             raise _registry_error(exc, f"no model {uri} at {tracking_uri()}") from None
         source = ModelSource(uri, name, int(version.version), alias, version.run_id or None)
-        return source, f"models:/{name}/{version.version}"
+        return source, version_uri(name, version.version)
     if uri.startswith("models:/"):
         raise ValueError(f"model URI {uri}: expected {URI_FORMS}")
     run = re.fullmatch(r"runs:/([0-9a-zA-Z]+)/.+", uri)

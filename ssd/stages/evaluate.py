@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ssd.core.model import ModelFile, read_model
+from ssd.core.model import ModelFile, TinySSD, read_model
 from ssd.data.layout import DATASET_ROOT, MODEL_FILE, REPORTS, RUN_FILE
 from ssd.engine.evaluation import load_validation, score, write_reports
 from ssd.engine.figures import report_figures
@@ -77,7 +77,7 @@ def evaluate(settings: Settings, model_path: str | Path = MODEL_FILE, data_root:
     return metrics
 
 
-def _checked_model(model: ModelFile, settings: Settings, path: str | Path) -> object:
+def _checked_model(model: ModelFile, settings: Settings, path: str | Path) -> TinySSD:
     """The model's net, if ``settings`` score it as it was trained (image size, classes); else a one-line refusal."""
     trained = {**file_settings(model)}
     given = {"data.image_size": settings.data.image_size, "data.classes": list(settings.data.classes)}

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-from ssd.engine.inference import PER_CLASS_NMS, Detector
-from ssd.mlops.models import URI_FORMS, open_model
+from ssd.mlops.models import URI_FORMS
 from ssd.mlops.records import CHAMPION
 from ssd.stages import common, model_params
 from ssd.util.files import atomic_path
 
 PARAMS = ("evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size", "registry.model_name")
 CHECK_IMAGES = 4
+EXTRA = ("onnx", "onnxscript", "onnxruntime")  # pyproject.toml's [export]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,28 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from ssd.engine.onnx_export import compare, export_onnx, sample_images
-    except ImportError as exc:  # onnx, onnxscript or onnxruntime missing
-        raise RuntimeError(f"ssd export needs the [export] extra (pip install 'ssd[export]'): {exc}") from None
-    given = model_params.given_params(args, PARAMS)
-    model = args.model or f"models:/{model_params.value(given, 'registry.model_name')}@{CHAMPION}"
-    stored = open_model(model, "cpu")
-    settings, notes = model_params.resolve(given, PARAMS, stored.settings, model)
-    for note in notes:
-        print(f"ssd export: note: {note}", file=sys.stderr)
-    evaluate = settings.evaluate
-    detector = Detector(stored.net, settings.data.image_size, evaluate.nms_threshold, evaluate.nms == PER_CLASS_NMS,
-                        stored.source)
+    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"ssd export needs {', '.join(missing)}: pip install -e '.[export]'")
+    from ssd.engine.onnx_export import compare, export_onnx, sample_images
+
+    detector, settings = model_params.open_detector(args, PARAMS, "export", "cpu")
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="ssd-export-") as tmp:
         candidate = Path(tmp) / out.name
         with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines: stdout is for the JSON
-            meta = export_onnx(detector, candidate, evaluate.threshold)
+            meta = export_onnx(detector, candidate, settings.evaluate.threshold)
         problems = compare(candidate, detector, sample_images(CHECK_IMAGES, detector.image_size), 0.0)
         if problems:
-            raise RuntimeError(f"{model}: the ONNX graph does not give PyTorch's detections ({'; '.join(problems)}): "
-                               f"{out} not written")
+            raise RuntimeError(f"{detector.source.uri}: the ONNX graph does not give PyTorch's detections "
+                               f"({'; '.join(problems)}): {out} not written")
         with atomic_path(out) as final:
             final.write_bytes(candidate.read_bytes())
     print(json.dumps({"onnx": str(out), "bytes": out.stat().st_size, **meta}, indent=2))

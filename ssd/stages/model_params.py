@@ -18,13 +18,15 @@ model only suggests (``evaluate.threshold``, ``data.max_image_pixels``): an expl
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from ssd.engine.inference import DEFAULT_IMAGE_SIZE, DEFAULT_NMS_THRESHOLD, DEFAULT_THRESHOLD
-from ssd.mlops.models import DEFAULT_MODEL_NAME
+from ssd.engine.inference import DEFAULT_IMAGE_SIZE, DEFAULT_NMS_THRESHOLD, DEFAULT_THRESHOLD, PER_CLASS_NMS, Detector
+from ssd.mlops.models import DEFAULT_MODEL_NAME, open_model
+from ssd.mlops.records import CHAMPION, alias_uri
 from ssd.util.params import DEFAULT_PARAMS, load_params, parse_yaml
 from ssd.util.settings import NMS_MODES, SCHEMA, Settings
 
@@ -42,6 +44,22 @@ class GivenParams:
     origins: dict[str, str]    # where each explicit value came from ("-S k=v" or the file)
     implicit: dict[str, Any]   # ./params.yaml, not named
     file: str                  # the params file looked for
+
+
+def open_detector(args: argparse.Namespace, keys: Iterable[str], command: str,
+                  device: str | None = None) -> tuple[Detector, Settings]:
+    """The model of ``args.model`` (default: ``registry.model_name``'s champion) as a detector with its
+    own settings, and the settings of ``keys`` resolved against it; notes go to stderr."""
+    given = given_params(args, keys)  # a bad param is reported before any model is fetched
+    model = args.model or alias_uri(value(given, "registry.model_name"), CHAMPION)
+    stored = open_model(model, device)
+    settings, notes = resolve(given, keys, stored.settings, model)
+    for note in notes:
+        print(f"ssd {command}: note: {note}", file=sys.stderr)
+    evaluate = settings.evaluate
+    detector = Detector(stored.net, settings.data.image_size, evaluate.nms_threshold, evaluate.nms == PER_CLASS_NMS,
+                        stored.source)
+    return detector, settings
 
 
 def flat_keys(keys: Iterable[str]) -> list[str]:

@@ -16,11 +16,11 @@ import argparse
 import json
 import sys
 
-from ssd.engine.inference import PER_CLASS_NMS, Detector
 from ssd.engine.prediction import predict_files
-from ssd.mlops.models import URI_FORMS, open_model
+from ssd.mlops.models import URI_FORMS
 from ssd.mlops.records import CHAMPION
 from ssd.stages import common, model_params
+from ssd.util.settings import SCHEMA
 
 PARAMS = ("evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size",
           "data.max_image_pixels", "registry.model_name")
@@ -39,23 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    given = model_params.given_params(args, PARAMS)
-    model = args.model or f"models:/{model_params.value(given, 'registry.model_name')}@{CHAMPION}"
-    stored = open_model(model, args.device)
-    settings, notes = model_params.resolve(given, PARAMS, stored.settings, model)
-    for note in notes:
-        print(f"ssd predict: note: {note}", file=sys.stderr)
-    evaluate, data = settings.evaluate, settings.data
-    threshold = args.threshold if args.threshold is not None else evaluate.threshold
+    if args.threshold is not None and not SCHEMA["evaluate.threshold"].ok(args.threshold):
+        raise ValueError(f"--threshold {args.threshold}: expected {SCHEMA['evaluate.threshold'].expected}")
+    detector, settings = model_params.open_detector(args, PARAMS, "predict", args.device)
+    threshold = args.threshold if args.threshold is not None else settings.evaluate.threshold
     failed: list[str] = []
 
     def report(message: str) -> None:
         failed.append(message)
         print(f"ssd predict: skipped {message}", file=sys.stderr, flush=True)
 
-    detector = Detector(stored.net, data.image_size, evaluate.nms_threshold, evaluate.nms == PER_CLASS_NMS,
-                        stored.source)
-    results = predict_files(args.images, detector, threshold, args.out, max_pixels=data.max_image_pixels,
+    results = predict_files(args.images, detector, threshold, args.out, max_pixels=settings.data.max_image_pixels,
                             on_error=report)
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
