@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     given = model_params.given_params(args, PARAMS)  # a bad param is reported before the model is read
-    settings, notes = model_params.resolve(given, PARAMS, file_settings(read_model(args.model)), args.model)
+    # A missing file is reported by evaluate(), after the tracking server is checked (exit 75 first).
+    model = file_settings(read_model(args.model)) if Path(args.model).is_file() else {}
+    settings, notes = model_params.resolve(given, PARAMS, model, args.model)
     for note in notes:
         print(f"ssd evaluate: note: {note}", file=sys.stderr)
     metrics = evaluate(settings, args.model, args.data, args.reports, args.run_file)

@@ -173,6 +173,7 @@ def register_pyfunc(server: str, name: str, code: Path, artifacts: dict, config:
     import mlflow
 
     mlflow.set_tracking_uri(server)
+    mlflow.set_registry_uri(server)  # another test may have pointed the registry elsewhere
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts=artifacts,
                                        model_config=config, pip_requirements=["mlflow"])
