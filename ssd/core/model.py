@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -187,20 +187,73 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> None:
     atomic_torch_save({"config": asdict(net.config), "model": net.state_dict(), **extra}, path)
 
 
+class ModelFile(NamedTuple):
+    """A model file's net and what the file records about how it was made."""
+    net: "TinySSD"
+    image_size: int | None   # the image size it was trained at (``params.data.image_size``), if recorded
+    run_id: str | None       # the MLflow run that trained it (``mlflow_run_id``), if recorded
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> TinySSD:
     """Rebuild a TinySSD from a file written by :func:`save_model` (or a training checkpoint)."""
+    return read_model(path, map_location).net
+
+
+def read_model(path: str | Path, map_location: str | torch.device = "cpu", name: str | None = None) -> ModelFile:
+    """A TinySSD and its recorded settings from a file written by :func:`save_model`.
+
+    Loaded with ``weights_only=True`` (no pickled code runs). A file that is not a TinySSD (not a
+    state dict, other keys or shapes, a bad config or image size) is a one-line ``ValueError``
+    naming ``name`` (default: the path); a missing file ``FileNotFoundError``.
+    """
     path = Path(path)
+    name = name or str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise FileNotFoundError(f"model file not found: {name}")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which
-        raise ValueError(f"{path} is not a TinySSD model file: {exc}") from exc
+        raise ValueError(f"{name} is not a TinySSD model file: {_first_line(exc)}") from None
     if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
-        raise ValueError(f"{path} is not a TinySSD model file (no 'config'/'model' entries)")
-    net = TinySSD.from_config(blob["config"])
-    net.load_state_dict(blob["model"])
-    return net.to(map_location).eval()
+        raise ValueError(f"{name} is not a TinySSD model file (no 'config'/'model' entries)")
+    try:
+        net = TinySSD.from_config(blob["config"])
+        net.load_state_dict(blob["model"])
+    except Exception as exc:  # TypeError/ValueError from the config, RuntimeError from the state dict
+        raise ValueError(f"{name} is not a TinySSD model file: {_state_dict_problem(exc)}") from None
+    return ModelFile(net.to(map_location).eval(), _recorded_image_size(blob, name), _recorded_run(blob))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _state_dict_problem(exc: BaseException) -> str:
+    """``load_state_dict``'s many-line report as one line: the first problem of each kind."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    problems = [line for line in lines[1:] if line.startswith(("Missing", "Unexpected", "size mismatch"))]
+    return "; ".join(p[:160] for p in problems) or _first_line(exc)
+
+
+def _recorded_image_size(blob: dict, name: str) -> int | None:
+    """``params.data.image_size`` of the training that wrote ``blob``: the size its anchors and
+    weights were fitted at. A value that is not a valid image size refuses the file."""
+    from ssd.util.settings import SCHEMA
+
+    params = blob.get("params")
+    data = params.get("data") if isinstance(params, dict) else None
+    size = data.get("image_size") if isinstance(data, dict) else None
+    if size is None:
+        return None
+    if not SCHEMA["data.image_size"].ok(size):
+        raise ValueError(f"{name}: recorded data.image_size={size!r}: expected {SCHEMA['data.image_size'].expected}")
+    return size
+
+
+def _recorded_run(blob: dict) -> str | None:
+    run = blob.get("mlflow_run_id")
+    return run if isinstance(run, str) and run else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -13,10 +13,24 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from ssd.core.anchors import decode_outputs
-from ssd.core.model import as_input, load_model
+from ssd.core.model import as_input, read_model
 from ssd.util.settings import NMS_MODES
 
+# What detection uses where neither the model nor params say (outside a checkout): params.yaml's own
+# values (tests/test_predict.py keeps them equal) and TinySSD's default image size.
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_NMS_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = 0.9
 _, PER_CLASS_NMS = NMS_MODES  # evaluate.nms: NMS within each class; the other mode is the book's class-agnostic NMS
+
+
+class ModelSource(NamedTuple):
+    """Where a model came from, for the outputs to name it."""
+    uri: str                    # as given: a model URI or a file path
+    name: str | None = None     # the registered model's name, version and the alias that resolved to it
+    version: int | None = None
+    alias: str | None = None
+    run_id: str | None = None   # the MLflow run that trained it, when known
 
 
 class Detector(NamedTuple):
@@ -24,6 +38,15 @@ class Detector(NamedTuple):
     net: torch.nn.Module
     image_size: int
     nms_threshold: float
+    per_class: bool = False            # NMS within each class (evaluate.nms: per_class)
+    source: ModelSource | None = None
+
+
+def describe(detector: Detector) -> dict[str, Any]:
+    """The ``model`` block of predictions: where the model came from, its classes and detection settings."""
+    source = detector.source or ModelSource("")
+    return {**source._asdict(), "classes": list(detector.net.config.classes), "image_size": detector.image_size,
+            "nms_threshold": detector.nms_threshold, "nms": NMS_MODES[1] if detector.per_class else NMS_MODES[0]}
 
 
 def best_device(device: str | torch.device | None = None) -> torch.device:
@@ -74,8 +97,13 @@ def detect(net: torch.nn.Module, images: torch.Tensor, sizes: Sequence[tuple[int
     return results
 
 
-def load_detector(model_file: str | Path, image_size: int = 256, nms_threshold: float = 0.5,
-                  device: str | torch.device | None = None) -> Detector:
-    """A TinySSD from a model file, on ``device`` (default :func:`best_device`), to detect with
-    ``image_size`` and ``nms_threshold``. A missing file raises ``FileNotFoundError`` naming it."""
-    return Detector(load_model(model_file, map_location=best_device(device)), image_size, nms_threshold)
+def load_detector(model_file: str | Path, image_size: int | None = None, nms_threshold: float = DEFAULT_NMS_THRESHOLD,
+                  device: str | torch.device | None = None, per_class: bool = False) -> Detector:
+    """A TinySSD from a model file, on ``device`` (default :func:`best_device`), to detect at the image
+    size it was trained at (``image_size`` when the file does not record it, else 256; one that
+    contradicts the file is a ``ValueError``). A missing file raises ``FileNotFoundError`` naming it."""
+    file = read_model(model_file, map_location=best_device(device))
+    if image_size is not None and file.image_size is not None and image_size != file.image_size:
+        raise ValueError(f"{model_file} was trained at image size {file.image_size}, not {image_size}")
+    return Detector(file.net, file.image_size or image_size or DEFAULT_IMAGE_SIZE, nms_threshold, per_class,
+                    ModelSource(str(model_file), run_id=file.run_id))

@@ -2,25 +2,29 @@
 
 :func:`predict_files` gives one dict per image (``{"image", "width", "height", "detections":
 [{"class_id", "label", "score", "box": [x1, y1, x2, y2]}]}``, boxes in pixels of the image as
-displayed, EXIF orientation applied) and, with ``out``, writes ``<out>/<image stem>.png`` with the
-boxes drawn. A folder stands for its image files (by extension, sorted). ``ssd predict``
+displayed, EXIF orientation applied, and ``"model"``: which model answered, :func:`ssd.engine.inference.describe`)
+and, with ``out``, writes ``<out>/<image stem>.png`` with the boxes drawn, the model named in a caption and
+in the PNG's text chunk ``ssd:model`` (the same block as JSON). A folder stands for its image files
+(by extension, sorted). ``ssd predict``
 (``ssd.stages.predict``) prints these; the MLflow pyfunc reads encoded bytes with :func:`read_images`.
 """
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, read_image, read_rgb, to_tensor
-from ssd.engine.inference import Detector, detect, load_detector
+from ssd.engine.inference import Detector, describe, detect, load_detector
 from ssd.util.files import atomic_path
 
 PRED_COLOR = (255, 255, 255)   # the seed's display() draws predictions in white
 TRUTH_COLOR = (0, 200, 0)
+MODEL_TEXT_KEY = "ssd:model"  # PNG text chunk of annotated pictures: the model block as JSON
 
 
 def read_images(sources: Sequence[str | Path | bytes], image_size: int,
@@ -87,21 +91,23 @@ def _read_batch(paths: Sequence[Path], max_pixels: int,
 
 
 def predict_files(images: Sequence[str | Path], model: str | Path | Detector, threshold: float = 0.9,
-                  out: str | Path | None = None, image_size: int = 256, nms_threshold: float = 0.5,
+                  out: str | Path | None = None, image_size: int | None = None, nms_threshold: float = 0.5,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, on_error: Callable[[str], None] | None = None,
                   batch_size: int = 32, device: str | torch.device | None = None,
                   per_class: bool = False) -> list[dict[str, Any]]:
     """Detect in image files and folders (:func:`expand_images`); with ``out``, write annotated copies there.
 
-    Returns one dict per image read. ``model``: a model file, loaded with ``image_size``,
-    ``nms_threshold`` and ``device``, or a loaded :class:`Detector` (an MLflow model's:
-    ``ssd.mlops.models.load_detector``), which brings its own. ``on_error``: when given, an image
-    that cannot be read (missing, not an image, over ``max_pixels``) or a folder without images is
-    passed to it as a one-line message and skipped; without it, the first raises. The images go
-    through the model ``batch_size`` at a time (only one batch of pictures is held).
+    Returns one dict per image read. ``model``: a model file, loaded with ``nms_threshold``,
+    ``per_class``, ``device`` and the image size it records (``image_size`` if it records none), or
+    a loaded :class:`Detector` (``ssd.mlops.models``), which brings all of them. ``on_error``: when
+    given, an image that cannot be read (missing, not an image, over ``max_pixels``) or a folder
+    without images is passed to it as a one-line message and skipped; without it, the first raises.
+    The images go through the model ``batch_size`` at a time (only one batch of pictures is held).
     """
-    net, image_size, nms_threshold = (model if isinstance(model, Detector)
-                                      else load_detector(model, image_size, nms_threshold, device))
+    detector = model if isinstance(model, Detector) else load_detector(model, image_size, nms_threshold, device,
+                                                                       per_class)
+    net, image_size = detector.net, detector.image_size
+    block = describe(detector)
     files, problems = expand_images(images)
     for problem in problems:
         if on_error is None:
@@ -115,20 +121,33 @@ def predict_files(images: Sequence[str | Path], model: str | Path | Detector, th
             continue
         sizes = [img.size for _, img in batch]
         tensors = torch.stack([to_tensor(img, image_size) for _, img in batch])
-        found = detect(net, tensors, sizes, threshold, nms_threshold, batch_size, per_class=per_class)
+        found = detect(net, tensors, sizes, threshold, detector.nms_threshold, batch_size,
+                       per_class=detector.per_class)
         for (path, img), size, dets in zip(batch, sizes, found):
             result = {"image": str(path), "width": size[0], "height": size[1], "detections": dets}
             if out is not None:
-                result["annotated"] = str(_annotate(img, dets, Path(out), path.stem, written, len(results)))
-            results.append(result)
+                result["annotated"] = str(_annotate(img, dets, Path(out), path.stem, written, len(results), block))
+            results.append({**result, "model": block})
     return results
 
 
+def model_caption(block: dict[str, Any]) -> str:
+    """One line naming the model of a ``model`` block: ``tinyssd v3 @champion`` or the file's name."""
+    if block.get("name"):
+        alias = f" @{block['alias']}" if block.get("alias") else ""
+        return f"{block['name']} v{block['version']}{alias}"
+    return Path(str(block.get("uri", ""))).name or "model"
+
+
 def _annotate(image: Image.Image, detections: Sequence[dict[str, Any]], out: Path, stem: str,
-              written: set[str], index: int) -> Path:
+              written: set[str], index: int, block: dict[str, Any]) -> Path:
     """Write ``image`` with its boxes to ``out/<stem>.png`` (``<stem>-<index>.png`` when that name is taken)."""
     name = f"{stem}-{index}" if stem in written else stem  # a.png and a.jpg both given: keep both pictures
     written.add(name)
+    picture = draw_detections(image, detections)
+    ImageDraw.Draw(picture).text((2, picture.height - 12), model_caption(block), fill=PRED_COLOR)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MODEL_TEXT_KEY, json.dumps(block))
     with atomic_path(out / f"{name}.png") as tmp:
-        draw_detections(image, detections).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG", pnginfo=info)
     return out / f"{name}.png"

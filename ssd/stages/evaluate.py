@@ -6,21 +6,27 @@ training run's, ``ssd.mlops.provenance``, computed now only for a model without 
 into the training's MLflow run (``models/mlflow_run.json``) as ``val_*`` metrics and ``evaluation/``
 artifacts. Without that run the reports are still written and MLflow logging is skipped with a
 warning, so the stage can be run on a model that came from elsewhere.
+
+The model file's own settings (the image size it was trained at, its classes) are the ones scored
+with: an explicit param that contradicts them is refused, ``params.yaml``'s value is replaced with a
+note (``ssd.stages.model_params``).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from ssd.core.model import load_model
+from ssd.core.model import ModelFile, TinySSD, read_model
 from ssd.data.layout import DATASET_ROOT, MODEL_FILE, REPORTS, RUN_FILE
 from ssd.engine.evaluation import load_validation, score, write_reports
 from ssd.engine.figures import report_figures
 from ssd.engine.metrics import CURVE_THRESHOLDS, flat_per_class, precision_recall
+from ssd.mlops.models import file_settings
 from ssd.mlops.provenance import provenance, run_provenance
 from ssd.mlops.tracking import log_evaluation, training_run
-from ssd.stages import common
+from ssd.stages import common, model_params
 from ssd.util.settings import Settings
 
 PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels", "data.max_boxes_per_image", "data.max_label_line_bytes", "data.max_label_rows")
@@ -35,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate(common.settings(args, PARAMS), args.model, args.data, args.reports, args.run_file)
+    given = model_params.given_params(args, PARAMS)  # a bad param is reported before the model is read
+    # A missing file is reported by evaluate(), after the tracking server is checked (exit 75 first).
+    model = file_settings(read_model(args.model)) if Path(args.model).is_file() else {}
+    settings, notes = model_params.resolve(given, PARAMS, model, args.model)
+    for note in notes:
+        print(f"ssd evaluate: note: {note}", file=sys.stderr)
+    metrics = evaluate(settings, args.model, args.data, args.reports, args.run_file)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
                    if isinstance(v, (int, float))))
     for name, values in metrics["per_class"].items():
@@ -54,7 +66,7 @@ def evaluate(settings: Settings, model_path: str | Path = MODEL_FILE, data_root:
     # only a model that came from elsewhere, with no run, gets the checkout's and data's.
     origin = run_provenance(run.tags) if run else provenance(data_root)
     cfg = settings.evaluate
-    net = load_model(model_path)
+    net = _checked_model(read_model(model_path), settings, model_path)
     dataset = load_validation(settings.data, data_root)
     scores = score(net, dataset, cfg)
     metrics = scores.metrics
@@ -65,3 +77,14 @@ def evaluate(settings: Settings, model_path: str | Path = MODEL_FILE, data_root:
     if run:
         log_evaluation(run, {**metrics, **flat_per_class(metrics["per_class"])}, paths)
     return metrics
+
+
+def _checked_model(model: ModelFile, settings: Settings, path: str | Path) -> TinySSD:
+    """The model's net, if ``settings`` score it as it was trained (image size, classes); else a one-line refusal."""
+    trained = {**file_settings(model)}
+    given = {"data.image_size": settings.data.image_size, "data.classes": list(settings.data.classes)}
+    for key, value in given.items():
+        if key in trained and trained[key] != value:
+            raise ValueError(f"{path} has {key}={trained[key]!r}, the settings {value!r}: it would be scored "
+                             f"as it was not trained")
+    return model.net

@@ -65,12 +65,16 @@ def test_champion_loads_by_alias_and_predicts(champion, mlflow_server, monkeypat
     table = model.predict(frame, params={"threshold": 0.0})
     assert list(table.columns) == OUTPUT_COLUMNS and len(table) > 0
     assert (table["xmax"] <= 90).all() and (table["ymax"] <= 40).all()
+    version = str(json.loads((champion / "registration.json").read_text())["version"])
+    assert set(table["model_name"]) == {NAME} and set(table["model_version"]) == {version}  # what @champion named
 
     # `ssd predict --model models:/...@champion` goes through the same model.
     Image.new("RGB", (120, 60), (200, 180, 20)).save(champion / "img.png")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     (result,) = predict_files([champion / "img.png"], load_detector(URI), threshold=0.0)
     assert (result["width"], result["height"]) == (120, 60) and result["detections"]
+    assert (result["model"]["name"], str(result["model"]["version"]), result["model"]["alias"]) == (NAME, version,
+                                                                                                 "champion")
 
 
 def test_mlflow_models_serve_answers_rest_requests(champion, mlflow_server):
@@ -90,6 +94,8 @@ def test_mlflow_models_serve_answers_rest_requests(champion, mlflow_server):
             predictions = json.loads(r.read())["predictions"]
         assert {p["image"] for p in predictions} == {0, 1}
         assert set(predictions[0]) == set(OUTPUT_COLUMNS)
+        version = str(json.loads((champion / "registration.json").read_text())["version"])
+        assert {(p["model_name"], p["model_version"]) for p in predictions} == {(NAME, version)}
         for p in predictions:
             width, height = (100, 80) if p["image"] == 0 else (300, 200)
             assert 0 <= p["xmin"] <= p["xmax"] <= width and 0 <= p["ymin"] <= p["ymax"] <= height
