@@ -81,7 +81,8 @@ def decide_promotion(candidate: float, champion: float | None, min_improvement: 
 def model_config(data: DataSettings, evaluate: EvaluateSettings) -> dict[str, Any]:
     """The logged pyfunc's model config, read back by ``ssd.mlops.pyfunc.TinySSDModel.load_context``."""
     return {"image_size": int(data.image_size), "threshold": float(evaluate.threshold),
-            "nms_threshold": float(evaluate.nms_threshold), "max_image_pixels": int(data.max_image_pixels),
+            "nms_threshold": float(evaluate.nms_threshold), "nms": evaluate.nms,
+            "max_image_pixels": int(data.max_image_pixels),
             "device": "auto"}  # logged so a load-time config may override it
 
 
@@ -220,23 +221,21 @@ def champion_gate(name: str, champion: Any, candidate: float, val_digest: str, s
 
 
 def check_version(client: Any, name: str, version: str, split_dir: str | Path) -> None:
-    """Load registered ``version`` of ``name`` from the registry as a consumer would
-    (``models:/name/version``) and predict the first image of ``split_dir``; tag the version
-    ``load_check`` with the outcome. ``RuntimeError`` (exit 1) when it fails to load or predict;
-    ``TransientError`` when the registry could not be reached to try."""
-    import mlflow
-    import pandas as pd
-
-    from ssd.mlops.pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS, encode_image
+    """Load registered ``version`` of ``name`` as ``ssd predict`` does (its weights and settings,
+    ``ssd.mlops.models``: no stored code runs) and detect on the first image of ``split_dir``; tag
+    the version ``load_check`` with the outcome. ``RuntimeError`` (exit 1) when it fails to load or
+    predict; ``TransientError`` when the registry could not be reached to try."""
+    from ssd.data.images import read_image
+    from ssd.engine.inference import detect
+    from ssd.mlops.models import open_model
 
     image = min((Path(split_dir) / "images").iterdir())
     uri = version_uri(name, version)
     try:
-        model = mlflow.pyfunc.load_model(uri)
-        out = model.predict(pd.DataFrame({IMAGE_COLUMN: [encode_image(image.read_bytes())]}),
-                            params={"threshold": 0.0})
-        if list(out.columns) != OUTPUT_COLUMNS:
-            raise ValueError(f"columns {list(out.columns)}, expected {OUTPUT_COLUMNS}")
+        stored = open_model(uri, "cpu")
+        tensor, size = read_image(image, stored.settings["data.image_size"])
+        detect(stored.net, tensor[None], [size], threshold=0.0,
+               nms_threshold=stored.settings["evaluate.nms_threshold"])
     except Exception as exc:  # a model can fail to load or run in any way: none of them may be crowned
         if is_transient(exc):
             raise TransientError(f"cannot load {uri} to check it: {exc}") from None
