@@ -172,30 +172,21 @@ def rescore_version(name: str, version: int | str, split_dir: str | Path, data: 
                     evaluate: EvaluateSettings) -> dict[str, Any]:
     """The evaluate stage's metrics for registered ``version`` of ``name`` on the split ``split_dir``.
 
-    The weights are the version's own: ``model.pt`` inside its logged model, downloaded from the
-    registry. ``RuntimeError`` naming the version when they cannot be loaded, ``TransientError``
-    when the registry could not be reached to download them.
+    The weights are the version's own, opened as ``ssd predict`` opens them (``ssd.mlops.models``:
+    weights and settings, no stored code). ``RuntimeError`` naming the version when they cannot be
+    loaded, ``TransientError`` when the registry could not be reached to download them.
     """
-    import tempfile
-
-    import mlflow
-    from mlflow.models import Model
-
     from ssd.engine.evaluation import load_validation, score
-    from ssd.core.model import load_model
-    from ssd.mlops.pyfunc import WEIGHTS_ARTIFACT
+    from ssd.mlops.models import open_model
 
     uri = version_uri(name, version)
-    with tempfile.TemporaryDirectory(prefix="ssd-rescore-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-            weights = Model.load(str(local)).flavors["python_function"]["artifacts"][WEIGHTS_ARTIFACT]["path"]
-            net = load_model(local / weights)
-        except Exception as exc:
-            if is_transient(exc):
-                raise TransientError(f"cannot download {uri} to re-score it: {exc}") from None
-            raise RuntimeError(f"cannot re-score {uri} on the current validation split: its model could not be "
-                               f"loaded ({type(exc).__name__}: {exc})") from None
+    try:
+        net = open_model(uri, "cpu").net
+    except Exception as exc:
+        if is_transient(exc):
+            raise TransientError(f"cannot download {uri} to re-score it: {exc}") from None
+        raise RuntimeError(f"cannot re-score {uri} on the current validation split: its model could not be "
+                           f"loaded ({type(exc).__name__}: {exc})") from None
     return score(net, load_validation(data, split_dir), evaluate).metrics
 
 
