@@ -29,14 +29,13 @@ from ssd.mlops.tracking import log_evaluation, training_run
 from ssd.stages import common, model_params
 from ssd.util.settings import Settings
 
-PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels", "data.max_boxes_per_image", "data.max_label_line_bytes", "data.max_label_rows")
+PARAMS = ("evaluate", "data.classes", "data.image_size", "data.max_image_pixels", "data.max_boxes_per_image",
+          "data.max_label_line_bytes", "data.max_label_rows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(MODEL_FILE), help="model file (default: %(default)s)")
-    parser.add_argument("--data", default=str(DATASET_ROOT), help="dataset root (default: %(default)s)")
-    parser.add_argument("--reports", default=str(REPORTS), help="reports folder (default: %(default)s)")
-    parser.add_argument("--run-file", default=str(RUN_FILE), help="the training's MLflow run (default: %(default)s)")
+    common.add_path_options(parser, model=(MODEL_FILE, "model file"), data=(DATASET_ROOT, "dataset root"),
+                            reports=(REPORTS, "reports folder"), run_file=(RUN_FILE, "the training's MLflow run"))
     common.add_params_arguments(parser)
 
 

@@ -49,11 +49,9 @@ PARAMS = ("registry", "evaluate.threshold", "evaluate.nms_threshold", "evaluate.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(MODEL_FILE), help="model file (default: %(default)s)")
-    parser.add_argument("--eval", default=str(EVAL_FILE), help="evaluation metrics (default: %(default)s)")
-    parser.add_argument("--run-file", default=str(RUN_FILE), help="the training's MLflow run (default: %(default)s)")
-    parser.add_argument("--out", default=str(REGISTRATION_FILE), help="record (default: %(default)s)")
-    parser.add_argument("--data", default=str(RAW_DIR), help="the data, for its validation split (default: %(default)s)")
+    common.add_path_options(parser, model=(MODEL_FILE, "model file"), eval=(EVAL_FILE, "evaluation metrics"),
+                            run_file=(RUN_FILE, "the training's MLflow run"), out=(REGISTRATION_FILE, "record"),
+                            data=(RAW_DIR, "the data, for its validation split"))
     common.add_params_arguments(parser)
 
 

@@ -9,15 +9,15 @@ import argparse
 
 from ssd.data.layout import RAW_DIR, SOURCE_FILE
 from ssd.data.source import check_source
-from ssd.stages.common import add_params_arguments, settings
+from ssd.stages.common import add_params_arguments, add_path_options, settings
 
 PARAMS = ("data.source", "data.url", "data.synthetic", "data.image_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="as for `ssd fetch` (default: params data.source)")
-    parser.add_argument("--out", default=str(SOURCE_FILE), help="fingerprint file (default: %(default)s)")
-    parser.add_argument("--data", default=str(RAW_DIR), help="the fetched dataset, to compare with (default: %(default)s)")
+    add_path_options(parser, out=(SOURCE_FILE, "fingerprint file"),
+                     data=(RAW_DIR, "the fetched dataset, to compare with"))
     add_params_arguments(parser)
 
 

@@ -10,15 +10,14 @@ from pathlib import Path
 from ssd.data.checks import REPORT, run_validation
 from ssd.data.labels import LabelLimits
 from ssd.data.layout import DATA_REPORTS, RAW_DIR
-from ssd.stages.common import add_params_arguments, settings
+from ssd.stages.common import add_params_arguments, add_path_options, settings
 
 PARAMS = ("data.classes", "data.image_size", "data.max_image_pixels", "data.strict", "data.max_boxes_per_image",
           "data.max_label_line_bytes", "data.max_label_rows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=str(RAW_DIR), help="dataset folder (default: %(default)s)")
-    parser.add_argument("--out", default=str(DATA_REPORTS), help="report folder (default: %(default)s)")
+    add_path_options(parser, data=(RAW_DIR, "dataset folder"), out=(DATA_REPORTS, "report folder"))
     add_params_arguments(parser)
 
 
