@@ -116,7 +116,7 @@ def test_auto_holds_small_splits_in_memory():
         resolve_loader("disk", 1, 256)
 
 
-FIRST_STEP = """
+FIRST_STEP = r"""
 import json, re, sys
 from ssd.data.dataset import make_loader, open_split
 dataset = open_split(sys.argv[1], "train", 256, loader=sys.argv[2])
