@@ -155,6 +155,7 @@ class DetectionDataset(Dataset):
         stream = StreamDataset(index, image_size, max_pixels, classes)
         self.images = torch.empty(len(index), 3, image_size, image_size, dtype=torch.uint8)
         self.rows = torch.full((len(index.rows) + 1, 5), -1.0)
+        self._labels: torch.Tensor | None = None
         for i, image, labels in _decode(stream, workers):
             self.images[i] = image
             self.rows[index.starts[i]:index.starts[i + 1]] = labels
@@ -165,8 +166,10 @@ class DetectionDataset(Dataset):
     @property
     def labels(self) -> torch.Tensor:
         """Every image's rows padded to the split's most crowded image, ``Tensor[N, M, 5]``: for
-        scoring a whole split; batches pad per batch."""
-        return self._pad(torch.arange(len(self)))
+        scoring a whole split (made on first use); batches pad per batch."""
+        if self._labels is None:
+            self._labels = self._pad(torch.arange(len(self)))
+        return self._labels
 
     def _pad(self, idx: torch.Tensor) -> torch.Tensor:
         starts, ends = self.index.starts[idx], self.index.starts[idx + 1]
@@ -185,7 +188,7 @@ class DetectionDataset(Dataset):
 
     def to(self, device: torch.device) -> "DetectionDataset":
         """Keep the split on ``device``: batches are then gathered there, with no copy from the host."""
-        self.images, self.rows = self.images.to(device), self.rows.to(device)
+        self.images, self.rows, self._labels = self.images.to(device), self.rows.to(device), None
         return self
 
     @property

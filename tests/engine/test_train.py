@@ -222,3 +222,23 @@ def test_streamed_training_killed_and_resumed_matches_training_in_memory(tmp_pat
     expected, got = _state(memory / "models/model.pt"), _state(stream / "models/model.pt")
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"{key} differs between the loader paths"
+
+
+@pytest.mark.parametrize("loader, num_workers", [("memory", 0), ("stream", 0), ("stream", 3), ("auto", 0)])
+def test_workers_are_sized_from_the_machine_unless_given(tmp_path, loader, num_workers):
+    from pathlib import Path
+
+    from ssd.data.dataset import DetectionDataset, StreamDataset, decode_workers
+    from ssd.engine.distributed import DistInfo
+    from ssd.engine.setup import build
+    from ssd.util.params import load_settings
+
+    params = Path(__file__).parents[2] / "params.yaml"
+    settings = load_settings(params, [f"data.loader={loader}", "data.image_size=64",
+                                      f"train.num_workers={num_workers}"])
+    setup = build(settings, write_dataset(tmp_path, train=4, val=1),
+                  DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    streamed = loader == "stream"  # auto holds 4 images in memory
+    assert isinstance(setup.dataset, StreamDataset if streamed else DetectionDataset)
+    assert setup.loader.num_workers == (num_workers or (decode_workers() if streamed else 0))
+    assert not setup.loader.pin_memory  # nothing to pin for on a CPU
