@@ -158,3 +158,12 @@ def test_streamed_memory_is_flat_in_the_split_size(tmp_path):
     # The measure can tell: the split in memory grows by its decoded size.
     memory = peak_rss_kib(large, "memory", 0)
     assert memory - stream[1] > 100_000, (memory, stream)
+
+
+def test_one_box_per_image_gathers_the_same_batches(tmp_path):
+    # Every image with as many boxes (the banana data) takes the one-gather path: the same batches.
+    data = write_dataset(tmp_path, train=9, val=1)
+    memory, stream = (open_split(data, "train", S, loader=kind) for kind in ("memory", "stream"))
+    assert memory._same_count
+    for (ia, la), (ib, lb) in zip(batches(memory), batches(stream)):
+        assert torch.equal(ia, ib) and torch.equal(la, lb) and la.shape[1] == 1
