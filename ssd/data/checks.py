@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -32,6 +35,7 @@ SPLITS = ("train", "val")
 REPORT, SAMPLES = "validation.json", "samples.png"
 COORDS = ("xmin", "ymin", "xmax", "ymax")
 LISTED_PROBLEMS = 50  # a million bad rows are summarised, not printed
+PARALLEL_CHECK_MIN_IMAGES = 64  # fewer images are decoded in this process: a pool costs more than it saves
 
 
 class Problems:
@@ -55,27 +59,51 @@ class Problems:
         return self.count
 
 
+def _probe(job: tuple[Path, int | None, int]) -> tuple[str, tuple[int, int] | None, list[str]]:
+    """Decode one image as the reader does: ``(name, displayed size or None, problems)``."""
+    path, image_size, max_pixels = job
+    try:
+        # A full decode: truncated or corrupt data fail here, not later in training.
+        img = open_image(path, max_pixels)
+    except ValueError as exc:
+        return path.name, None, [str(exc)]
+    problems = []
+    if image_size is not None and img.mode != "RGB":
+        problems.append(f"{path}: mode {img.mode}, expected RGB")
+    if image_size is not None and img.size != (image_size, image_size):
+        problems.append(f"{path}: size {img.width}x{img.height}, expected {image_size}x{image_size} "
+                        f"(data.image_size)")
+    return path.name, img.size, problems
+
+
+def check_workers() -> int:
+    """Processes that decode images for validation: every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _decode_images(image_dir: Path, image_size: int | None, problems: Problems,
-                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, tuple[int, int]]:
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, workers: int = 1) -> dict[str, tuple[int, int]]:
     """Decode every file in ``image_dir`` as the reader does; returns ``{name: (width, height)}``
     of the readable ones, the size as displayed (EXIF orientation applied): boxes are checked against it.
 
     With ``image_size`` None any size and mode pass (the reader converts to RGB and resizes).
+    ``workers`` > 1 decodes in a process pool, a chunk of files at a time, in the files' order (the
+    problems come out as from one process); memory holds sizes and problems, never images.
     """
+    jobs = [(p, image_size, max_pixels) for p in sorted(p for p in image_dir.iterdir() if p.is_file())]
+    if workers > 1 and len(jobs) >= PARALLEL_CHECK_MIN_IMAGES:
+        with ProcessPoolExecutor(workers) as pool:
+            return _collect(pool.map(_probe, jobs, chunksize=64), problems)
+    return _collect(map(_probe, jobs), problems)
+
+
+def _collect(results: Iterable[tuple[str, tuple[int, int] | None, list[str]]],
+             problems: Problems) -> dict[str, tuple[int, int]]:
     sizes = {}
-    for path in sorted(p for p in image_dir.iterdir() if p.is_file()):
-        try:
-            # A full decode: truncated or corrupt data fail here, not later in training.
-            img = open_image(path, max_pixels)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        if image_size is not None and img.mode != "RGB":
-            problems.append(f"{path}: mode {img.mode}, expected RGB")
-        if image_size is not None and img.size != (image_size, image_size):
-            problems.append(f"{path}: size {img.width}x{img.height}, expected {image_size}x{image_size} "
-                            f"(data.image_size)")
-        sizes[path.name] = img.size
+    for name, size, found in results:
+        problems.extend(found)
+        if size is not None:
+            sizes[name] = size
     return sizes
 
 
@@ -176,13 +204,14 @@ def _split_stats(files: set[str], table: pd.DataFrame, boxes: dict[str, list[Box
 
 def check_split(split_dir: Path, image_size: int, classes: Sequence[str], problems: Problems,
                 strict: bool = True, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                limits: LabelLimits = LabelLimits()) -> tuple[dict[str, Any], dict[str, list[Box]]]:
-    """Check one split, appending to ``problems``; returns its statistics and the good boxes per image."""
+                limits: LabelLimits = LabelLimits(), workers: int = 1) -> tuple[dict[str, Any], dict[str, list[Box]]]:
+    """Check one split, appending to ``problems``; returns its statistics and the good boxes per image
+    (``workers``: processes decoding its images, see :func:`_decode_images`)."""
     image_dir = split_dir / IMAGES_DIR
     if not image_dir.is_dir():
         problems.append(f"{image_dir}: images folder missing")
         return {}, {}
-    sizes = _decode_images(image_dir, image_size if strict else None, problems, max_pixels)
+    sizes = _decode_images(image_dir, image_size if strict else None, problems, max_pixels, workers)
     files = {p.name for p in image_dir.iterdir() if p.is_file()}
     try:
         labels_path = label_file(split_dir)
@@ -233,15 +262,18 @@ def summary(root: Path, problems: Problems) -> str:
 
 
 def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = ("banana",), strict: bool = True,
-             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-             limits: LabelLimits = LabelLimits()) -> tuple[dict, Image.Image]:
+             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, limits: LabelLimits = LabelLimits(),
+             workers: int | None = None) -> tuple[dict, Image.Image]:
     """Check both splits; returns the report and the sample grid, or raises ``ValueError`` listing all problems.
 
     ``strict``: every image must be RGB and ``image_size`` square (the banana data are); otherwise any
     size and mode pass, as photos come, and boxes are checked against each image's own size as
     displayed (EXIF orientation applied). ``max_pixels``: larger images are problems; ``limits``: the
-    label files'.
+    label files'. ``workers``: processes decoding the images (None: :func:`check_workers`); the rate
+    (images/second) goes to stderr.
     """
+    workers = check_workers() if workers is None else workers
+    started = time.perf_counter()
     root = dataset_root(root)
     classes = list(classes)
     problems = Problems()
@@ -254,9 +286,13 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
             problems.append(str(exc))
             continue
         report["splits"][split], boxes = check_split(split_dir, image_size, classes, problems, strict, max_pixels,
-                                                     limits)
+                                                     limits, workers)
         if split == "train":
             grid = (split_dir, boxes)
+    images = sum(split.get("images", 0) for split in report["splits"].values())
+    seconds = time.perf_counter() - started
+    print(f"validate: {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s, "
+          f"{workers} process(es))", file=sys.stderr)
     if problems:
         raise ValueError(summary(root, problems))
     report["problems"] = []

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ssd.core.model import unwrap
-from ssd.data.dataset import DetectionDataset
+from ssd.data.dataset import DetectionDataset, StreamDataset
 from ssd.util.files import atomic_torch_save
 
 CHECKPOINT_GLOB = "epoch_*.pt"
@@ -136,10 +136,6 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(dataset: DetectionDataset) -> str:
-    """Cheap identity of the training data: names and labels (images follow from the fetch)."""
-    digest = hashlib.sha1()
-    digest.update("\n".join(dataset.names).encode())
-    digest.update(dataset.labels.numpy().tobytes())
-    digest.update(str(tuple(dataset.images.shape)).encode())
-    return digest.hexdigest()
+def data_fingerprint(dataset: DetectionDataset | StreamDataset) -> str:
+    """Cheap identity of the training data: names, labels, image size (images follow from the fetch)."""
+    return dataset.fingerprint()

@@ -14,7 +14,7 @@ from torch import nn
 from ssd.core.boxes import check_boxes
 from ssd.core.model import TinySSD
 from ssd.core.schedule import lr_factor
-from ssd.data.dataset import DetectionDataset, load_dataset, make_loader
+from ssd.data.dataset import DetectionDataset, StreamDataset, decode_workers, make_loader, open_split
 from ssd.data.labels import LabelLimits
 from ssd.engine import distributed as dist
 from ssd.engine.checkpoint import data_fingerprint
@@ -30,7 +30,7 @@ class Setup:
     seed: int                # base.seed
     params: dict[str, Any]   # the settings as plain values: what checkpoints and the model file record
     precision: str           # train.precision resolved on this device
-    dataset: DetectionDataset
+    dataset: DetectionDataset | StreamDataset  # data.loader's: in memory or streamed
     fingerprint: str         # data_fingerprint(dataset)
     model: TinySSD
     optimizer: torch.optim.Optimizer
@@ -42,7 +42,7 @@ def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
     """Data, model, optimizer and loader for this process, with the settings' seed and precision.
 
     ``settings``: the train stage's (``base``, ``model``, ``train`` and ``data.classes``,
-    ``data.image_size``, ``data.max_image_pixels``); ``data``: the dataset root.
+    ``data.image_size``, ``data.max_image_pixels``, ``data.loader``); ``data``: the dataset root.
     """
     train, seed, device = settings.train, settings.base.seed, info.device
     if train.batch_size % info.world_size:
@@ -51,9 +51,9 @@ def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
     precision = resolve_precision(train.precision, device)
     lr_factor(train.lr_schedule, train.epochs, train.warmup_epochs)  # refused before any file is touched
     _seed_everything(seed, train.deterministic)
-    dataset = load_dataset(data, "train", settings.data.image_size, settings.data.classes,
-                           settings.data.max_image_pixels, LabelLimits.of(settings.data))
-    check_boxes(dataset.labels[dataset.labels[..., 0] >= 0][:, 1:], f"labels of {dataset.split_dir}")
+    dataset = open_split(data, "train", settings.data.image_size, settings.data.classes,
+                         settings.data.max_image_pixels, LabelLimits.of(settings.data), settings.data.loader)
+    check_boxes(dataset.index.rows[:, 1:], f"labels of {dataset.split_dir}")  # pixels: the same order
     model = make_model(settings.model, settings.data, train.channels_last, device)
     # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
@@ -72,14 +72,21 @@ def make_model(model: ModelSettings, data: DataSettings, channels_last: bool, de
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def _loader(dataset: DetectionDataset, train: TrainSettings, seed: int, info: dist.DistInfo
+def _loader(dataset: DetectionDataset | StreamDataset, train: TrainSettings, seed: int, info: dist.DistInfo
             ) -> torch.utils.data.DataLoader:
-    """This rank's shard of every epoch, ``train.batch_size / world_size`` per step."""
+    """This rank's shard of every epoch, ``train.batch_size / world_size`` per step.
+
+    ``train.num_workers`` 0 sizes the workers from the machine: none for a split in memory (a batch
+    is one gather, on the GPU when the split fits there), :func:`decode_workers` for a streamed one.
+    Pinned memory whenever batches come from the host to a GPU."""
     device = info.device
-    resident = keep_on_device(dataset, device, train.num_workers)
+    streamed = isinstance(dataset, StreamDataset)
+    workers = train.num_workers or (decode_workers() if streamed else 0)
+    resident = not streamed and keep_on_device(dataset, device, workers)
     return make_loader(dataset, train.batch_size // info.world_size, shuffle=True, seed=seed, rank=info.rank,
-                       world_size=info.world_size, num_workers=train.num_workers,
-                       pin_memory=device.type == "cuda" and not resident)
+                       world_size=info.world_size, num_workers=workers,
+                       pin_memory=device.type == "cuda" and not resident,
+                       prefetch_factor=4 if streamed else None)
 
 
 def keep_on_device(dataset: DetectionDataset, device: torch.device, num_workers: int,
@@ -90,7 +97,7 @@ def keep_on_device(dataset: DetectionDataset, device: torch.device, num_workers:
     if device.type != "cuda" or num_workers > 0:
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    if dataset.images.nbytes + dataset.labels.nbytes > max_share * free:
+    if dataset.nbytes > max_share * free:
         return False
     dataset.to(device)
     return True

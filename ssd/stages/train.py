@@ -27,7 +27,7 @@ from ssd.util.errors import Interrupted
 from ssd.util.settings import Settings
 
 PARAMS = ("base", "data.classes", "data.image_size", "data.max_image_pixels", "data.max_boxes_per_image", "data.max_label_line_bytes", "data.max_label_rows",
-          "model", "train")
+          "data.loader", "model", "train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 NMS_MODES = ("agnostic", "per_class")
+LOADERS = ("auto", "memory", "stream")  # data.loader; ssd.data.dataset says what each does
 MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 SCALES = 5  # TinySSD's feature scales: model.sizes has one row per scale
 
@@ -144,6 +145,7 @@ class DataSettings(_Section):
     max_boxes_per_image: int = _key(integer(1))
     max_label_line_bytes: int = _key(integer(64))  # a row of short names and numbers fits in 64 bytes
     max_label_rows: int = _key(integer(1))
+    loader: str = _key(one_of(*LOADERS))
     synthetic: SyntheticSettings
 
 

@@ -174,7 +174,12 @@ class TestMakeLoader:
         assert images.shape == (3, 3, S, S) and images.dtype == torch.uint8
         assert labels.shape == (3, 2, 5) and labels.dtype == torch.float32
         assert torch.equal(torch.cat([b[0] for b in batches]), dataset.images)
-        assert torch.equal(torch.cat([b[1] for b in batches]), dataset.labels)
+        # Labels are padded per batch: to the batch's most crowded image, not the split's.
+        assert [b[1].shape[1] for b in batches] == [2, 1, 1]
+        start = 0
+        for _, labels in batches:
+            assert torch.equal(labels, dataset.labels[start:start + len(labels), :labels.shape[1]])
+            start += len(labels)
 
     def test_drop_last(self, dataset):
         assert [len(b[0]) for b in make_loader(dataset, batch_size=3, drop_last=True)] == [3, 3]

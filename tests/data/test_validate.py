@@ -159,3 +159,19 @@ def test_cli_exits_nonzero_and_writes_nothing(data, tmp_path):
     assert run.returncode == 1
     assert "2.png: mode L" in run.stderr and "duplicate of row 2" in run.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_a_process_pool_names_the_same_problems(data, monkeypatch, capsys):
+    from ssd.data import checks
+
+    for kind in ("corrupt png", "grey image", "wrong size", "nan", "unlabelled image"):
+        _damage(kind, data)
+    errors = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(checks, "PARALLEL_CHECK_MIN_IMAGES", 1)  # the pool even for 12 images
+        with pytest.raises(ValueError) as err:
+            checks.validate(data, 256, CLASSES, workers=workers)
+        errors[workers] = str(err.value)
+        assert re.search(rf"validate: 13 images in .* s \(\d+ images/s, {workers} process\(es\)\)",
+                         capsys.readouterr().err)
+    assert errors[1] == errors[2] and errors[1].startswith("6 problem(s)")  # the 128 px image fails its box too

@@ -196,3 +196,49 @@ def test_dataset_on_the_gpu_gives_batches_there(tmp_path):
     assert keep_on_device(dataset, torch.device("cuda"), num_workers=0)
     images, labels = next(iter(make_loader(dataset, 2, shuffle=False)))
     assert images.is_cuda and labels.is_cuda and torch.equal(images.cpu(), host[:2])
+
+
+def _set_loader(project, loader):
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["loader"] = loader
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+def test_streamed_training_killed_and_resumed_matches_training_in_memory(tmp_path, mlflow_server):
+    # The loader paths give the same batches, so the same weights, through a resume too; augmentation
+    # and momentum make any difference in images, labels or order show.
+    cmd = [sys.executable, FAULTS]
+    memory = _set_loader(make_project(tmp_path / "memory", momentum=0.9, augment=True), "memory")
+    subprocess.run(cmd, cwd=memory, env=train_env(mlflow_server), check=True, capture_output=True, timeout=300)
+    stream = _set_loader(make_project(tmp_path / "stream", momentum=0.9, augment=True), "stream")
+    killed = subprocess.run(cmd, cwd=stream, env=train_env(mlflow_server, SSD_TEST_FAULT="kill@2:1"),
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    rerun = subprocess.run(cmd, cwd=stream, env=train_env(mlflow_server), capture_output=True, timeout=300)
+    assert rerun.returncode == 0 and "resuming from" in rerun.stderr.decode(), rerun.stderr.decode()[-2000:]
+    expected, got = _state(memory / "models/model.pt"), _state(stream / "models/model.pt")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs between the loader paths"
+
+
+@pytest.mark.parametrize("loader, num_workers", [("memory", 0), ("stream", 0), ("stream", 3), ("auto", 0)])
+def test_workers_are_sized_from_the_machine_unless_given(tmp_path, loader, num_workers):
+    from pathlib import Path
+
+    from ssd.data.dataset import DetectionDataset, StreamDataset, decode_workers
+    from ssd.engine.distributed import DistInfo
+    from ssd.engine.setup import build
+    from ssd.util.params import load_settings
+
+    params = Path(__file__).parents[2] / "params.yaml"
+    settings = load_settings(params, [f"data.loader={loader}", "data.image_size=64",
+                                      f"train.num_workers={num_workers}"])
+    setup = build(settings, write_dataset(tmp_path, train=4, val=1),
+                  DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    streamed = loader == "stream"  # auto holds 4 images in memory
+    assert isinstance(setup.dataset, StreamDataset if streamed else DetectionDataset)
+    assert setup.loader.num_workers == (num_workers or (decode_workers() if streamed else 0))
+    assert not setup.loader.pin_memory  # nothing to pin for on a CPU
