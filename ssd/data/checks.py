@@ -270,7 +270,7 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
     size and mode pass, as photos come, and boxes are checked against each image's own size as
     displayed (EXIF orientation applied). ``max_pixels``: larger images are problems; ``limits``: the
     label files'. ``workers``: processes decoding the images (None: :func:`check_workers`); the rate
-    (images/second) goes to stderr.
+    (images/second) of a clean dataset goes to stderr.
     """
     workers = check_workers() if workers is None else workers
     started = time.perf_counter()
@@ -289,12 +289,12 @@ def validate(root: str | Path, image_size: int = 256, classes: Sequence[str] = (
                                                      limits, workers)
         if split == "train":
             grid = (split_dir, boxes)
+    if problems:  # the refusal stays one line: no rate before it
+        raise ValueError(summary(root, problems))
     images = sum(split.get("images", 0) for split in report["splits"].values())
     seconds = time.perf_counter() - started
     print(f"validate: {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s, "
           f"{workers} process(es))", file=sys.stderr)
-    if problems:
-        raise ValueError(summary(root, problems))
     report["problems"] = []
     return report, sample_grid(*grid, classes)
 
