@@ -141,8 +141,11 @@ def model_caption(block: dict[str, Any]) -> str:
 
 def _annotate(image: Image.Image, detections: Sequence[dict[str, Any]], out: Path, stem: str,
               written: set[str], index: int, block: dict[str, Any]) -> Path:
-    """Write ``image`` with its boxes to ``out/<stem>.png`` (``<stem>-<index>.png`` when that name is taken)."""
-    name = f"{stem}-{index}" if stem in written else stem  # a.png and a.jpg both given: keep both pictures
+    """Write ``image`` with its boxes to ``out/<stem>.png``, or ``<stem>-<n>.png`` with the first ``n`` from
+    ``index`` that no earlier picture of this call took (a.png, a.jpg and a-1.png all given: three pictures)."""
+    name, n = stem, index
+    while name in written:
+        name, n = f"{stem}-{n}", n + 1
     written.add(name)
     picture = draw_detections(image, detections)
     ImageDraw.Draw(picture).text((2, picture.height - 12), model_caption(block), fill=PRED_COLOR)

@@ -141,3 +141,15 @@ def test_inference_feeds_the_net_channels_last_with_the_same_detections():
         plain = decode_outputs(*net(images.float()))
     for a, b in zip(fast, plain):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_annotated_pictures_never_overwrite_each_other(model_file, tmp_path):
+    # a.png and a.jpg share a stem; a-2.png (read first) holds the name the third input would have taken
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, colour in (("a.png", "red"), ("a.jpg", "green"), ("a-2.png", "blue")):
+        Image.new("RGB", (64, 64), colour).save(folder / name)
+    results = predict_files(sorted(folder.iterdir()), model_file, threshold=0.99, out=tmp_path / "out", image_size=64)
+    pictures = [r["annotated"] for r in results]
+    assert len(set(pictures)) == 3 and sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        sorted(Path(p).name for p in pictures)
