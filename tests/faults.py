@@ -9,6 +9,7 @@ alone or under torchrun, with the fault in ``SSD_TEST_FAULT``:
     SSD_TEST_FAULT=rng,kill@2:1 python tests/faults.py       # several: rng scales each loss by a random draw
     SSD_TEST_FAULT=stop@1:1 python tests/faults.py           # SIGSTOP there: a training that holds its lock
     SSD_TEST_FAULT=term@2:1 python tests/faults.py           # SIGTERM there, as a Cancel or `kill` sends
+    SSD_TEST_FAULT=killserver@2:1 SSD_TEST_SERVER_PGID=N ...  # SIGKILL process group N there (a server dies)
 
 ``EPOCH:STEP`` count from 1; a third number limits the fault to that rank. Faults fire only in a
 first attempt, so a ``torchrun --max-restarts`` restart runs clean. Other arguments go to ``ssd train``.
@@ -38,12 +39,15 @@ def fault_hook(spec: str):
         return _recorder(Path(where))
     epoch, step, *rank = (int(p) for p in where.split(":"))
     signals = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
-    if kind not in ("nan", *signals):
+    if kind not in ("nan", "killserver", *signals):
         raise ValueError(f"SSD_TEST_FAULT={spec!r}: expected nan@E:S[:RANK], kill|stop|term@E:S[:RANK], rng "
                          "or record@DIR")
 
     def hook(s: TrainStep) -> torch.Tensor | None:
         if (s.epoch, s.step) != (epoch, step) or rank not in ([], [distributed.get_rank()]):
+            return None
+        if kind == "killserver":
+            os.killpg(int(os.environ["SSD_TEST_SERVER_PGID"]), signal.SIGKILL)
             return None
         if kind in signals:
             os.kill(os.getpid(), signals[kind])

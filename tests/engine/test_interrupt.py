@@ -50,3 +50,33 @@ def test_a_resumed_run_gets_the_epochs_it_never_logged(mlflow_server):
         tracker.backfill([{"epoch": 1, "loss": 1.0, "class_err": 0.5}, {"epoch": 2, "loss": 0.7, "class_err": 0.4}])
     history = mlflow.MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.7)]
+
+
+def test_a_tracking_server_dying_mid_training_leaves_no_gap_after_the_resume(tmp_path):
+    """The server dies in epoch 2: the epoch's checkpoint is kept, the command exits 75; with the
+    server back (same store), the rerun resumes the run and MLflow holds every epoch, 1 to 3."""
+    import mlflow
+
+    from servers import free_port, http_server
+
+    store, port = tmp_path / "store", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+               "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    project = make_project(tmp_path / "p", epochs=3)
+    with http_server(command, uri + "/health", tmp_path / "server1.log") as server:
+        died = subprocess.run([sys.executable, FAULTS], cwd=project, capture_output=True, text=True, timeout=300,
+                              env=train_env(uri, SSD_TEST_FAULT="killserver@2:1", SSD_TEST_SERVER_PGID=str(server.pid)))
+    assert died.returncode == 75, died.stderr[-2000:]
+    assert (project / "models/checkpoints/epoch_0002.pt").is_file()  # the epoch trained; its log did not land
+    run_id = torch.load(project / "models/checkpoints/epoch_0002.pt", weights_only=True)["mlflow_run_id"]
+
+    with http_server(command, uri + "/health", tmp_path / "server2.log"):
+        rerun = subprocess.run([sys.executable, FAULTS], cwd=project, capture_output=True, text=True, timeout=300,
+                               env=train_env(uri))
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "resuming from" in rerun.stderr
+        history = mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
