@@ -94,7 +94,6 @@ def test_train_evaluate_register_predict_through_mlflow_on_postgres_and_s3(
     shutil.copy(repo / "data/raw/banana-detection/bananas_val/images/0.png", consumer / "banana.png")
     consumer_env = without_s3_access({**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(repo),
                                       "OMP_NUM_THREADS": "1"})
-    # TODO(wt-consumers): `--params` goes once predict takes every setting from the model itself.
     predicted = subprocess.run([str(Path(sys.executable).with_name("ssd")), "predict", "banana.png",
                                 "--model", f"models:/{name}@champion", "--params", str(repo / "params.yaml"),
                                 "--threshold", "0"],
