@@ -138,3 +138,14 @@ def prefect_production_server(tmp_path_factory, postgres):
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with http_server(command, api + "/health", home / "server.log", env=env, timeout=180):
         yield api
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory):
+    """An untrained TinySSD (seed 0) saved as a model file, for the tests that predict with one."""
+    from ssd.core.model import TinySSD, save_model
+
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.manual_seed(0)
+    save_model(TinySSD(1), path)
+    return path

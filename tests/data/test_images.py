@@ -21,7 +21,6 @@ from ssd.cli import main as cli_main
 from ssd.data.dataset import load_dataset
 from ssd.data.images import ImageTooLarge, read_image, read_rgb
 from ssd.data.labels import read_labels
-from ssd.core.model import TinySSD, save_model
 from ssd.engine.prediction import predict_files
 from ssd.data.checks import run_validation
 from tiny_data import write_split
@@ -50,14 +49,6 @@ def exif_jpeg(path: Path, orientation: int) -> Path:
     exif = Image.Exif()
     exif[0x0112] = orientation
     stored.save(path, format="JPEG", quality=95, exif=exif)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.manual_seed(0)
-    save_model(TinySSD(1), path)
     return path
 
 

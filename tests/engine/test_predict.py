@@ -10,21 +10,13 @@ from mlflow.pyfunc import PythonModelContext
 from PIL import Image
 
 from ssd.cli import main as cli_main
-from ssd.core.model import TinySSD, save_model
+from ssd.core.model import TinySSD
 from ssd.engine.inference import to_pixels
 from ssd.engine.prediction import predict_files
 from ssd.mlops.models import is_model_uri
 from ssd.mlops.pyfunc import OUTPUT_COLUMNS, TinySSDModel, encode_image
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("predict") / "model.pt"
-    torch.manual_seed(0)
-    save_model(TinySSD(1), path)
-    return path
 
 
 @pytest.fixture(scope="module")
