@@ -71,6 +71,12 @@ def open_model(model: str | Path, device: str | torch.device | None = None) -> S
     return _open_stored(str(model), device)
 
 
+def resolve(uri: str) -> ModelSource:
+    """What a ``models:/`` URI names now (an alias resolved to its version), nothing downloaded; errors as
+    :func:`open_model`'s (an unreachable server: ``TransientError`` in seconds)."""
+    return _resolve(_client(), uri)[0]
+
+
 def load_detector(model: str | Path, image_size: int | None = None, nms_threshold: float | None = None,
                   device: str | torch.device | None = None) -> Detector:
     """A :class:`~ssd.engine.inference.Detector` with the model's own settings; ``image_size`` and
