@@ -23,7 +23,6 @@ model, a file) is loaded once; the thread only retries until that first load suc
 """
 from __future__ import annotations
 
-import re
 import sys
 import threading
 import time
@@ -34,20 +33,17 @@ from typing import Any, Callable, NamedTuple, Sequence
 import pandas as pd
 
 from ssd.engine.inference import Detector, detect
-from ssd.mlops.models import resolve
+from ssd.mlops.models import registered_parts, resolve
 from ssd.mlops.pyfunc import decode_images, detections_frame, example_png
 from ssd.mlops.records import version_uri
 from ssd.util.errors import is_transient
-
-FOLLOWED = re.compile(r"models:/([^/@]+)@([^/]+)/?")   # the URIs whose alias is followed
-
 
 class Served(NamedTuple):
     """One loaded version and the settings it answers with."""
     detector: Detector
     threshold: float      # the default minimum score (the model's evaluate.threshold, unless a param says)
     max_pixels: int       # data.max_image_pixels: larger images are refused
-    loaded_at: float      # time.time() when it was loaded
+    loaded_at: float      # time.time() when it passed its check (set by the Follower)
 
     @property
     def name(self) -> str:
@@ -86,8 +82,8 @@ class Follower:
         self.uri, self.poll_seconds, self.gate = uri, poll_seconds, gate
         self._load_uri = load
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        followed = FOLLOWED.fullmatch(uri)
-        self.name, self.alias = followed.groups() if followed else (None, None)
+        name, alias, _ = registered_parts(uri) or (None, None, None)  # a malformed models:/ URI: ValueError
+        self.name, self.alias = name, alias  # the alias followed; None: a fixed model
         self.current: Served | None = None     # what requests read: replaced whole, never changed
         self.alias_version: int | None = None  # what the alias named at the last poll that reached the registry
         self.last_poll: float | None = None

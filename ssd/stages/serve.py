@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 from typing import Callable
 
 from ssd.mlops.models import URI_FORMS
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     def load(model: str) -> Served:
         detector, settings = model_params.open_detector(args, PARAMS, "serve", args.device, model=model)
-        return Served(detector, settings.evaluate.threshold, settings.data.max_image_pixels, time.time())
+        return Served(detector, settings.evaluate.threshold, settings.data.max_image_pixels, loaded_at=0.0)
 
     limits = Limits(args.max_body_bytes, args.max_images, args.max_in_flight)
     follower = Follower(uri, load, args.poll_seconds, threading.BoundedSemaphore(args.workers))
