@@ -1,12 +1,12 @@
 """Serving: latency and throughput of ``ssd serve`` for single-image and batched requests.
 
     python -m benchmarks.serve [--smoke] [--image-size 256] [--clients 4] [--workers 1 2]
-                               [--out reports/serve_bench.json]
+                               [--model models/model.pt] [--out reports/serve_bench.json]
 
-Registers an untrained TinySSD (seed 0) as the champion of a model in a local MLflow store (SQLite,
-in a temporary folder), starts ``ssd serve`` on it as a real process (``python -m ssd serve``, one
-per ``--workers`` value), and sends generated banana pictures (256x256 PNG; the model's size is
-``--image-size``) over HTTP from client threads in this process. For each case:
+Registers ``--model`` (default: an untrained TinySSD, seed 0) as the champion of a model in a local
+MLflow store (SQLite, in a temporary folder), starts ``ssd serve`` on it as a real process
+(``python -m ssd serve``, one per ``--workers`` value), and sends generated banana pictures (256x256
+PNG; the model's size is ``--image-size``) over HTTP from client threads in this process. For each case:
 
 * ``single``: one image per request from 1 client, then from ``--clients`` clients at once;
 * ``batch8``, ``batch32``: 8 and 32 images per request from ``--clients`` clients;
@@ -43,8 +43,11 @@ SMOKE = {"image_size": 64, "requests": {"single": 4, "single_concurrent": 4, "ba
 CASES = (("single", 1, False), ("single_concurrent", 1, True), ("batch8", 8, True), ("batch32", 32, True))
 
 
-def register_champion(root: Path, image_size: int) -> str:
-    """An untrained TinySSD registered as ``NAME``'s champion in a SQLite store under ``root``; its URI."""
+def register_champion(root: Path, image_size: int, model: Path | None = None) -> str:
+    """``model`` (default: an untrained TinySSD, seed 0) registered as ``NAME``'s champion in a SQLite
+    store under ``root``, with params.yaml's settings at ``image_size``; the store's URI."""
+    import shutil
+
     import mlflow
     import torch
 
@@ -56,8 +59,11 @@ def register_champion(root: Path, image_size: int) -> str:
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     found = client(uri)
-    torch.manual_seed(0)
-    save_model(TinySSD(1, image_size=image_size), root / "model.pt")
+    if model is not None:
+        shutil.copy(model, root / "model.pt")
+    else:
+        torch.manual_seed(0)
+        save_model(TinySSD(1, image_size=image_size), root / "model.pt")
     settings = load_settings(ROOT / "params.yaml", [f"data.image_size={image_size}"], ("data", "evaluate"))
     with mlflow.start_run() as run:
         pass
@@ -188,8 +194,8 @@ def free_port() -> int:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{report['cpu']} ({report['cores']} cores), model {report['image_size']} px, {PICTURE_SIZE}x{PICTURE_SIZE} PNG, "
-             f"{report['clients']} concurrent clients in the benchmark process",
+    lines = [f"{report['cpu']} ({report['cores']} cores), model {report['model']} at {report['image_size']} px, "
+             f"{PICTURE_SIZE}x{PICTURE_SIZE} PNG, {report['clients']} concurrent clients in the benchmark process",
              "workers  case                clients  img/req  requests  p50 ms  p99 ms  images/s"]
     for server in report["servers"]:
         for case, r in server["cases"].items():
@@ -207,6 +213,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="ssd serve --workers values to measure (default: 1 2)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a model file trained at --image-size to serve (default: an untrained TinySSD, whose "
+                             "scores near 0.5 everywhere are a worst case for NMS)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report (default: %(default)s)")
     return parser
 
@@ -217,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .bench import cpu_info
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
     sizes = json.loads(json.dumps(SMOKE if args.smoke else FULL))
     sizes["image_size"] = args.image_size or sizes["image_size"]
 
@@ -226,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ssd-serve-bench-") as tmp:
         root = Path(tmp)
         log("registering an untrained model ...")
-        tracking = register_champion(root, sizes["image_size"])
+        tracking = register_champion(root, sizes["image_size"], args.model)
         servers = [bench_server(tracking, root, w, sizes, args.clients, log) for w in args.workers]
     report = {"smoke": args.smoke, "image_size": sizes["image_size"], "clients": args.clients,
+              "model": str(args.model) if args.model else "untrained (seed 0)",
               "cpu": cpu_info()["name"], "cores": os.cpu_count(), "servers": servers}
     print(format_table(report))
     atomic_write_json(args.out, report)

@@ -16,8 +16,8 @@ Every input is bounded (:class:`Limits`): the body's bytes (``Content-Length`` r
 the body is read), the images in one request, each image's pixels (the model's ``data.max_image_pixels``,
 from its header, before it is decoded), the requests in flight (beyond them: 503 at once) and the
 seconds a client may take to send. A refusal is ``{"error_code": ..., "message": one line}`` naming
-the limit and the value: 400 a malformed request or image (naming the row), 411 no length, 413 over
-a limit, 503 no model loaded yet or too many requests in flight.
+the limit and the value: 400 a malformed request or image (naming the row), 408 a body that does not
+arrive in time, 411 no length, 413 over a limit, 503 no model loaded yet or too many requests in flight.
 
 Requests run on threads (``ThreadingHTTPServer``); each reads the version once and keeps it, so a swap
 (:class:`~ssd.mlops.serving.Follower`) never fails one. Closing waits for the requests in flight.
@@ -187,7 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
         if length > limit:
             raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                           f"request body of {length} bytes: the limit is --max-body-bytes = {limit}")
-        body = self.rfile.read(max(length, 0))
+        try:
+            body = self.rfile.read(max(length, 0))
+        except TimeoutError:
+            raise Refused(HTTPStatus.REQUEST_TIMEOUT, f"the request body did not arrive within "
+                                                      f"{self.server.limits.read_timeout:g} s") from None
         if len(body) < length:
             raise Refused(HTTPStatus.BAD_REQUEST, f"request body ended after {len(body)} of {length} bytes")
         return body

@@ -22,7 +22,8 @@ def request(rows, **params) -> bytes:
 
 
 @pytest.mark.parametrize("body, status, message", [
-    (request([["a"]] * 5), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "5 images in one request: the limit is --max-images = 4"),
+    (request([["a"]] * 5), HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+     "5 images in one request: the limit is --max-images = 4"),
     (request([["a"]], threshold=1.5), HTTPStatus.BAD_REQUEST, "param threshold=1.5: expected a number >= 0 and <= 1"),
     (request([["a"]], threshold=True), HTTPStatus.BAD_REQUEST, "param threshold=True: expected a number"),
     (request([["a"]], nms=0.3), HTTPStatus.BAD_REQUEST, "params {'nms': 0.3}: the only param is 'threshold'"),
