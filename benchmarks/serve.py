@@ -12,8 +12,10 @@ PNG; the model's size is ``--image-size``) over HTTP from client threads in this
 * ``batch8``, ``batch32``: 8 and 32 images per request from ``--clients`` clients;
 
 it reports the latency of a request (p50, p99, ms) and images/s over the case's wall time, after
-one warm-up request per client. Also: the seconds from starting the server to its first 200 on
-``/health`` (imports, model download, check), and the server's peak resident memory (``VmHWM``).
+one warm-up request per client, and the server's CPU time per image (all its threads, warm-up
+included: the figure a busy shared machine does not blur). Also: the seconds from starting the
+server to its first 200 on ``/health`` (imports, model download, check), the server's resident
+memory then (``VmRSS``) and its peak over the run (``VmHWM``).
 The clients run on the same cores as the server: on a small machine they take part of its CPU.
 ``--smoke`` runs a few requests on a 64-pixel model, in seconds.
 """
@@ -134,9 +136,16 @@ def run_case(url: str, bodies: list[bytes], clients: int, per_request: int) -> d
             "p99_ms": 1e3 * p99, "images_per_s": len(latencies) * per_request / wall, "wall_s": wall}
 
 
-def vm_hwm_mib(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mib(pid: int, key: str = "VmHWM") -> float:
+    """A process's peak (``VmHWM``) or current (``VmRSS``) resident memory."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -156,13 +165,18 @@ def bench_server(tracking: str, root: Path, workers: int, sizes: dict[str, Any],
         proc = subprocess.Popen(command, cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT)
         try:
             ready_s = _wait_ready(proc, base + "/health", root / f"serve-{workers}.log") - start
-            report: dict[str, Any] = {"workers": workers, "ready_s": ready_s, "cases": {}}
+            report: dict[str, Any] = {"workers": workers, "ready_s": ready_s,
+                                      "ready_rss_mib": memory_mib(proc.pid, "VmRSS"), "cases": {}}
             for case, per_request, concurrent in CASES:
                 log(f"workers {workers}: {case} ...")
                 bodies = request_bodies(sizes["requests"][case], per_request)
-                report["cases"][case] = run_case(base + "/invocations", bodies, clients if concurrent else 1,
-                                                 per_request)
-            report["peak_rss_mib"] = vm_hwm_mib(proc.pid)
+                used = cpu_seconds(proc.pid)
+                result = run_case(base + "/invocations", bodies, clients if concurrent else 1, per_request)
+                # Warm-up requests included: CPU per image is what a shared machine cannot blur.
+                images = (result["requests"] + result["clients"]) * per_request
+                result["server_cpu_ms_per_image"] = 1e3 * (cpu_seconds(proc.pid) - used) / images
+                report["cases"][case] = result
+            report["peak_rss_mib"] = memory_mib(proc.pid)
         finally:
             proc.terminate()
             code = proc.wait(timeout=60)
@@ -196,13 +210,15 @@ def free_port() -> int:
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['cpu']} ({report['cores']} cores), model {report['model']} at {report['image_size']} px, "
              f"{PICTURE_SIZE}x{PICTURE_SIZE} PNG, {report['clients']} concurrent clients in the benchmark process",
-             "workers  case                clients  img/req  requests  p50 ms  p99 ms  images/s"]
+             "workers  case                clients  img/req  requests  p50 ms  p99 ms  images/s  CPU ms/img"]
     for server in report["servers"]:
         for case, r in server["cases"].items():
             lines.append(f"{server['workers']:>7}  {case:<18}  {r['clients']:>7}  {r['images_per_request']:>7}  "
-                         f"{r['requests']:>8}  {r['p50_ms']:>6.1f}  {r['p99_ms']:>6.1f}  {r['images_per_s']:>8.1f}")
-        lines.append(f"{server['workers']:>7}  ready in {server['ready_s']:.1f} s, peak RSS "
-                     f"{server['peak_rss_mib']:.0f} MiB, exit {server['exit_code_on_sigterm']} on SIGTERM")
+                         f"{r['requests']:>8}  {r['p50_ms']:>6.1f}  {r['p99_ms']:>6.1f}  {r['images_per_s']:>8.1f}  "
+                         f"{r['server_cpu_ms_per_image']:>10.1f}")
+        lines.append(f"{server['workers']:>7}  ready in {server['ready_s']:.1f} s with {server['ready_rss_mib']:.0f} "
+                     f"MiB resident, peak {server['peak_rss_mib']:.0f} MiB; exit {server['exit_code_on_sigterm']} "
+                     f"on SIGTERM")
     return "\n".join(lines)
 
 

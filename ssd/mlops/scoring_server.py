@@ -110,6 +110,7 @@ class ScoringServer(ThreadingHTTPServer):
     """The HTTP server of one :class:`Follower`; ``gate`` bounds the detections run at once."""
     daemon_threads = False   # server_close() waits for the requests in flight: a clean stop answers them
     block_on_close = True
+    request_queue_size = 64  # connections the kernel holds while threads start (the stdlib's 5 drops bursts)
 
     def __init__(self, address: tuple[str, int], follower: Follower, limits: Limits,
                  log: Callable[[str], None] | None = None):
