@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "register": Command("ssd.stages.register", "log the model to MLflow, register it and move aliases"),
     "promote": Command("ssd.stages.promote", "point the champion alias at a registered version"),
     "predict": Command("ssd.stages.predict", "detect bananas in images"),
+    "serve": Command("ssd.stages.serve", "answer detection requests over HTTP with the champion, following the alias"),
     "export": Command("ssd.stages.export", "write a model as ONNX (runs on onnxruntime, no torch)"),
 }
 

@@ -71,6 +71,12 @@ def open_model(model: str | Path, device: str | torch.device | None = None) -> S
     return _open_stored(str(model), device)
 
 
+def resolve(uri: str) -> ModelSource:
+    """What a ``models:/`` URI names now (an alias resolved to its version), nothing downloaded; errors as
+    :func:`open_model`'s (an unreachable server: ``TransientError`` in seconds)."""
+    return _resolve(_client(), uri)[0]
+
+
 def load_detector(model: str | Path, image_size: int | None = None, nms_threshold: float | None = None,
                   device: str | torch.device | None = None) -> Detector:
     """A :class:`~ssd.engine.inference.Detector` with the model's own settings; ``image_size`` and
@@ -127,11 +133,22 @@ def _client() -> Any:
     return mlflow_client(uri)  # an unreachable server: TransientError in seconds
 
 
-def _resolve(client: Any, uri: str) -> tuple[ModelSource, str]:
-    """What ``uri`` names and the artifact URI of that model's folder (a version, not an alias)."""
+def registered_parts(uri: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, alias, version)`` of ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (the other
+    one None); None for a model that is not registered; ``ValueError`` for another ``models:/`` form."""
     registered = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", uri)
     if registered:
-        name, alias, number = registered.groups()
+        return registered.group(1), registered.group(2), registered.group(3)
+    if uri.startswith("models:/"):
+        raise ValueError(f"model URI {uri}: expected {URI_FORMS}")
+    return None
+
+
+def _resolve(client: Any, uri: str) -> tuple[ModelSource, str]:
+    """What ``uri`` names and the artifact URI of that model's folder (a version, not an alias)."""
+    registered = registered_parts(uri)
+    if registered:
+        name, alias, number = registered
         try:
             version = (client.get_model_version_by_alias(name, alias) if alias
                        else client.get_model_version(name, number))
@@ -139,8 +156,6 @@ def _resolve(client: Any, uri: str) -> tuple[ModelSource, str]:
             raise _registry_error(exc, f"no model {uri} at {tracking_uri()}") from None
         source = ModelSource(uri, name, int(version.version), alias, version.run_id or None)
         return source, version_uri(name, version.version)
-    if uri.startswith("models:/"):
-        raise ValueError(f"model URI {uri}: expected {URI_FORMS}")
     run = re.fullmatch(r"runs:/([0-9a-zA-Z]+)/.+", uri)
     return ModelSource(uri, run_id=run.group(1) if run else None), uri.rstrip("/")
 

@@ -33,7 +33,7 @@ import base64
 import binascii
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlflow.models
 import mlflow.pyfunc
@@ -61,6 +61,15 @@ def _decode(value: Any, row: int) -> bytes:
         except (binascii.Error, ValueError):
             raise ValueError(f"row {row}: column {IMAGE_COLUMN!r} is not valid base64") from None
     raise ValueError(f"row {row}: column {IMAGE_COLUMN!r} must hold base64 text or bytes, got {type(value).__name__}")
+
+
+def decode_images(values: Sequence[Any], image_size: int, max_pixels: int) -> tuple[Any, list[tuple[int, int]]]:
+    """The column ``image`` (base64 text or bytes per row) as ``uint8 Tensor[N, 3, S, S]`` and displayed
+    sizes (``ssd.engine.prediction.read_images``); ``ValueError`` naming the first bad row (bad base64, not
+    an image, over ``max_pixels``: ``ssd.data.images.ImageTooLarge``)."""
+    from ssd.engine.prediction import read_images
+
+    return read_images([_decode(v, i) for i, v in enumerate(values)], image_size, max_pixels)
 
 
 def detections_frame(results: list[list[dict[str, Any]]], name: str = "", version: str = "") -> pd.DataFrame:
@@ -118,13 +127,11 @@ class TinySSDModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame,  # noqa: ANN001
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         from ssd.engine.inference import detect
-        from ssd.engine.prediction import read_images
 
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             raise ValueError(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded images")
         threshold = float((params or {}).get("threshold", self.threshold))
-        blobs = [_decode(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN])]
-        images, sizes = read_images(blobs, self.image_size, self.max_pixels)
+        images, sizes = decode_images(list(model_input[IMAGE_COLUMN]), self.image_size, self.max_pixels)
         found = detect(self.net, images, sizes, threshold, self.nms_threshold, per_class=self.per_class)
         return detections_frame(found, self.name, self.version)
 
@@ -141,13 +148,18 @@ def signature(threshold: float) -> Any:
                           params=ParamSchema([ParamSpec("threshold", "double", float(threshold))]))
 
 
-def example_input() -> pd.DataFrame:
-    """A small input example (one generated 64x64 PNG), stored with the model and its signature."""
+def example_png() -> bytes:
+    """A generated 64x64 PNG: the input example, and what ``ssd serve`` checks a model on before serving it."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (120, 160, 90)).save(buffer, format="PNG")
-    return pd.DataFrame({IMAGE_COLUMN: [encode_image(buffer.getvalue())]})
+    return buffer.getvalue()
+
+
+def example_input() -> pd.DataFrame:
+    """A small input example (one generated 64x64 PNG), stored with the model and its signature."""
+    return pd.DataFrame({IMAGE_COLUMN: [encode_image(example_png())]})
 
 
 mlflow.models.set_model(TinySSDModel())

@@ -47,11 +47,11 @@ class GivenParams:
 
 
 def open_detector(args: argparse.Namespace, keys: Iterable[str], command: str,
-                  device: str | None = None) -> tuple[Detector, Settings]:
-    """The model of ``args.model`` (default: ``registry.model_name``'s champion) as a detector with its
-    own settings, and the settings of ``keys`` resolved against it; notes go to stderr."""
+                  device: str | None = None, model: str | None = None) -> tuple[Detector, Settings]:
+    """The model ``model`` (default ``args.model``, else ``registry.model_name``'s champion) as a detector
+    with its own settings, and the settings of ``keys`` resolved against it; notes go to stderr."""
     given = given_params(args, keys)  # a bad param is reported before any model is fetched
-    model = args.model or alias_uri(value(given, "registry.model_name"), CHAMPION)
+    model = model or args.model or alias_uri(value(given, "registry.model_name"), CHAMPION)
     stored = open_model(model, device)
     settings, notes = resolve(given, keys, stored.settings, model)
     for note in notes:
