@@ -1,10 +1,10 @@
 """``models:/<name>@<alias>`` and ``models:/<name>/<version>`` as the version's ONNX file (extra ``[registry]``).
 
 ``ssd register`` logs each version's ONNX file into the version's run and tags the version with where
-it is: tag :data:`ONNX_TAG` = ``runs:/<run id>/`` + :data:`ONNX_ARTIFACT` (copies of
-``ssd.mlops.records``'s names; ``tests/pipeline/test_onnx_consumer.py`` checks they agree). The alias
-is resolved once; the file is downloaded from that version's tag, so a promotion in between cannot
-mix two versions. Only that exact form of tag is followed, the file is at most
+it is: tag :data:`ONNX_TAG` = ``runs:/<run id>/`` + :data:`ONNX_ARTIFACT` with the version's name and
+number (copies of ``ssd.mlops.records``'s names; ``tests/pipeline/test_onnx_consumer.py`` checks they
+agree). The alias is resolved once; the file is downloaded from that version's tag, so a promotion in
+between cannot mix two versions. Only a tag naming that version's own path is followed, the file is at most
 ``ssd_onnx.model.MAX_MODEL_BYTES`` (its listed size checked before the download), and the file's own
 metadata must name the same model and version. The server is ``MLFLOW_TRACKING_URI``.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from ssd_onnx.model import MAX_MODEL_BYTES
 
-ONNX_ARTIFACT = "onnx/model.onnx"
+ONNX_ARTIFACT = "onnx/{name}/{version}/model.onnx"
 ONNX_TAG = "onnx"
 MODEL_URI = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?")
 # MLflow's HTTP retries (its defaults keep a dead server silent for minutes), unless the environment sets them.
@@ -85,17 +85,17 @@ def fetch(uri: str, dst: str | Path) -> tuple[Path, dict[str, Any]]:
         if not location:
             raise ValueError(f"{uri} (version {version.version}) has no ONNX file (no tag {ONNX_TAG!r}): it was "
                              f"registered before `ssd register` logged one; run `ssd export --model {uri}`")
-        run = re.fullmatch(r"runs:/([0-9A-Za-z]+)/" + re.escape(ONNX_ARTIFACT), location)
+        artifact = ONNX_ARTIFACT.format(name=name, version=version.version)
+        run = re.fullmatch(r"runs:/([0-9A-Za-z]+)/" + re.escape(artifact), location)
         if not run:
-            raise ValueError(f"{uri}: its tag {ONNX_TAG} = {location[:120]!r} is not runs:/<run id>/{ONNX_ARTIFACT}: "
+            raise ValueError(f"{uri}: its tag {ONNX_TAG} = {location[:120]!r} is not runs:/<run id>/{artifact}: "
                              f"refused")
-        folder = str(PurePosixPath(ONNX_ARTIFACT).parent)
-        listed = {f.path: f.file_size for f in client.list_artifacts(run.group(1), folder)}
-        if ONNX_ARTIFACT not in listed:
+        listed = {f.path: f.file_size for f in client.list_artifacts(run.group(1), str(PurePosixPath(artifact).parent))}
+        if artifact not in listed:
             raise ValueError(f"{uri}: its ONNX file {location} is missing from the artifact store")
-        if (listed[ONNX_ARTIFACT] or 0) > MAX_MODEL_BYTES:
-            raise ValueError(f"{uri}: {location} is {listed[ONNX_ARTIFACT]} bytes, more than {MAX_MODEL_BYTES}: refused")
-        local = Path(client.download_artifacts(run.group(1), ONNX_ARTIFACT, str(dst)))
+        if (listed[artifact] or 0) > MAX_MODEL_BYTES:
+            raise ValueError(f"{uri}: {location} is {listed[artifact]} bytes, more than {MAX_MODEL_BYTES}: refused")
+        local = Path(client.download_artifacts(run.group(1), artifact, str(dst)))
     except ValueError:
         raise
     except Exception as exc:

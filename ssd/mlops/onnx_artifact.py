@@ -11,9 +11,10 @@ generated ones (``ssd.engine.onnx_export.sample_images``) if the split has fewer
 keeps counts (score threshold 0: more rows than any display threshold shows), with the same count,
 classes and order, and scores and box fractions within ``ssd.engine.onnx_export.ATOL``.
 
-Where it goes: ``ONNX_ARTIFACT`` in the artifacts of the version's run (the run it was registered
-from), and the version's tag ``ONNX_TAG`` says ``runs:/<run id>/onnx/model.onnx``
-(``ssd.mlops.records``), which ``consumers/ssd_onnx`` resolves from ``models:/<name>@<alias>``.
+Where it goes: ``onnx/<name>/<version>/model.onnx`` in the artifacts of the version's run (the run
+it was registered from; a file per version, as one run may register two), and the version's tag
+``ONNX_TAG`` says ``runs:/<run id>/onnx/<name>/<version>/model.onnx`` (``ssd.mlops.records``), which
+``consumer/ssd_onnx`` resolves from ``models:/<name>@<alias>``.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from ssd.mlops.records import ONNX_ARTIFACT, ONNX_TAG, onnx_uri, version_uri
+from ssd.mlops.records import ONNX_TAG, onnx_artifact, onnx_uri, version_uri
 from ssd.mlops.registry import RUN_ID
 from ssd.util.errors import TransientError, is_transient
 
@@ -97,15 +98,15 @@ def log_onnx(client: Any, name: str, version: Any, split_dir: str | Path) -> str
     if not run_id:
         raise RuntimeError(f"{uri} names no run to log its ONNX file into: no alias moved")
     detector, threshold, max_pixels = _detector(name, number)
-    folder = str(PurePosixPath(ONNX_ARTIFACT).parent)
+    artifact = PurePosixPath(onnx_artifact(name, number))
     with tempfile.TemporaryDirectory(prefix="ssd-onnx-") as tmp:
-        path = Path(tmp) / PurePosixPath(ONNX_ARTIFACT).name
+        path = Path(tmp) / artifact.name
         _export_checked(detector, threshold, max_pixels, split_dir, path, uri)
         try:
-            client.log_artifact(run_id, str(path), folder)
-            client.set_model_version_tag(name, number, ONNX_TAG, onnx_uri(run_id))
+            client.log_artifact(run_id, str(path), str(artifact.parent))
+            client.set_model_version_tag(name, number, ONNX_TAG, onnx_uri(run_id, name, number))
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             what = f"cannot log the ONNX file of {uri} into run {run_id} ({reason}): no alias moved"
             raise (TransientError if is_transient(exc) else RuntimeError)(what) from None
-    return onnx_uri(run_id)
+    return onnx_uri(run_id, name, number)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 CHAMPION, CHALLENGER = "champion", "challenger"   # the registered model's aliases (alias_uri)
 METRIC = "map_50"                                 # the validation metric that decides promotion
 PROMOTED, KEPT = "promoted", "kept"               # the record's decision
-# Where a registered version's ONNX file is (``ssd register`` logs it; consumers/ssd_onnx reads it):
-# this path inside the artifacts of the version's run, named by the version tag ONNX_TAG.
-ONNX_ARTIFACT = "onnx/model.onnx"
-ONNX_TAG = "onnx"                                 # its value: onnx_uri(<the version's run id>)
+# Where a registered version's ONNX file is (``ssd register`` logs it; consumer/ssd_onnx reads it):
+# this path, one per version, inside the artifacts of the version's run (one run may register two
+# versions: raising train.epochs continues a finished run), named by the version tag ONNX_TAG.
+ONNX_ARTIFACT = "onnx/{name}/{version}/model.onnx"   # MLflow refuses '/' and ':' in model names
+ONNX_TAG = "onnx"                                 # its value: onnx_uri(<the version's run id>, name, version)
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,15 @@ def alias_uri(name: str, alias: str = CHAMPION) -> str:
     return f"models:/{name}@{alias}"
 
 
-def onnx_uri(run_id: str) -> str:
-    """``runs:/<run id>/onnx/model.onnx``: the ONNX file of the version registered from run ``run_id``."""
-    return f"runs:/{run_id}/{ONNX_ARTIFACT}"
+def onnx_artifact(name: str, version: int | str) -> str:
+    """``onnx/<name>/<version>/model.onnx``: version ``version`` of ``name``'s ONNX file in its run's artifacts."""
+    return ONNX_ARTIFACT.format(name=name, version=version)
+
+
+def onnx_uri(run_id: str, name: str, version: int | str) -> str:
+    """``runs:/<run id>/onnx/<name>/<version>/model.onnx``: the ONNX file of that version, registered
+    from run ``run_id`` (the value of its tag :data:`ONNX_TAG`)."""
+    return f"runs:/{run_id}/{onnx_artifact(name, version)}"
 
 
 def figures(*values: float, decimals: int = 4) -> tuple[str, ...]:

@@ -11,8 +11,8 @@ states its metrics and that decision; ``reports/registration.json`` records the 
 
 Every version also gets its ONNX file (``ssd.mlops.onnx_artifact``): the version's weights as
 ``ssd export`` writes them, checked against PyTorch on validation images, logged into the version's
-run as ``onnx/model.onnx`` and named by the version's tag ``onnx`` (``ssd.mlops.records``), so a
-consumer without torch can fetch the ONNX of ``models:/tinyssd@champion``.
+run as ``onnx/<name>/<version>/model.onnx`` and named by the version's tag ``onnx``
+(``ssd.mlops.records``), so a consumer without torch can fetch the ONNX of ``models:/tinyssd@champion``.
 
 Order, so that a failure moves nothing: everything the decision needs is read first (the run, the
 champion, an existing version); then the version is registered (or reused) and must load from the

@@ -244,5 +244,5 @@ def test_an_onnx_file_that_cannot_be_logged_moves_no_alias(mlflow_server, tmp_pa
     (artifacts / "onnx").unlink()
     assert _register_cli(run, name) == 0
     assert _state(client, name) == ([("1", ["challenger", "champion"])], "1")
-    assert client.get_model_version(name, "1").tags["onnx"] == f"runs:/{run_id}/onnx/model.onnx"
-    assert json.loads(run["out"].read_text())["onnx"] == f"runs:/{run_id}/onnx/model.onnx"
+    assert client.get_model_version(name, "1").tags["onnx"] == f"runs:/{run_id}/onnx/{name}/1/model.onnx"
+    assert json.loads(run["out"].read_text())["onnx"] == f"runs:/{run_id}/onnx/{name}/1/model.onnx"

@@ -8,6 +8,7 @@ decimals, boxes to 2)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -277,7 +278,7 @@ def _training_run(folder: Path, uri: str) -> dict:
 
 def test_register_logs_the_onnx_that_ssd_onnx_predicts_as_ssd_predict(mlflow_server, tmp_path):
     import mlflow
-    from ssd.mlops.records import ONNX_ARTIFACT, ONNX_TAG, onnx_uri
+    from ssd.mlops.records import ONNX_TAG, onnx_artifact, onnx_uri
     from ssd.stages.register import register
     from ssd.util.params import load_settings
 
@@ -288,8 +289,8 @@ def test_register_logs_the_onnx_that_ssd_onnx_predicts_as_ssd_predict(mlflow_ser
     client = mlflow.MlflowClient(mlflow_server, mlflow_server)
     version = client.get_model_version(name, str(record["version"]))
     run_id = json.loads(run["run_file"].read_text())["run_id"]
-    assert version.tags[ONNX_TAG] == record["onnx"] == onnx_uri(run_id) and "champion" in record["aliases"]
-    assert [f.path for f in client.list_artifacts(run_id, "onnx")] == [ONNX_ARTIFACT]
+    assert version.tags[ONNX_TAG] == record["onnx"] == onnx_uri(run_id, name, 1) and "champion" in record["aliases"]
+    assert [f.path for f in client.list_artifacts(run_id, f"onnx/{name}/1")] == [onnx_artifact(name, 1)]
 
     consumer = odd_images(tmp_path / "consumer")  # outside any checkout, no params file
     images = ["plain.png", "rotated.jpg", "deep.png"]
@@ -319,6 +320,20 @@ def test_register_logs_the_onnx_that_ssd_onnx_predicts_as_ssd_predict(mlflow_ser
     # Again with the same weights: the version is reused and keeps its file (not exported again).
     again = register(settings, **run)
     assert (again["version"], again["reused_version"], again["onnx"]) == (record["version"], True, record["onnx"])
+    # Other weights from the same run (raising train.epochs continues it): a second file beside the first.
+    trained_file(run["model_path"], seed=4)
+    second = register(settings, **run)
+    assert (second["version"], second["onnx"]) == (2, onnx_uri(run_id, name, 2))
+    first = consumer_run("predict", f"models:/{name}/1", *images, "--threshold", "0", cwd=consumer,
+                         MLFLOW_TRACKING_URI=mlflow_server)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)[0]["model"]["version"] == 1
+    # A tag that points at another version's file is not followed.
+    client.set_model_version_tag(name, "2", ONNX_TAG, onnx_uri(run_id, name, 1))
+    moved = consumer_run("predict", f"models:/{name}/2", *images, cwd=consumer, MLFLOW_TRACKING_URI=mlflow_server)
+    assert moved.returncode == 1 and moved.stdout == ""
+    assert f"its tag onnx = '{onnx_uri(run_id, name, 1)}' is not runs:/<run id>/{onnx_artifact(name, 2)}: " \
+           f"refused" in moved.stderr
 
 
 @pytest.mark.slow
@@ -329,11 +344,12 @@ def test_consumer_installs_and_predicts_without_torch(exported, tmp_path):
     from ssd_onnx.model import predict_files as onnx_predict_files
 
     _, path = exported
+    source = shutil.copytree(CONSUMER, tmp_path / "consumer", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                                str(CONSUMER)], capture_output=True, text=True, timeout=900)
+                                str(source)], capture_output=True, text=True, timeout=900)  # builds in the copy
     assert installed.returncode == 0, installed.stderr[-2000:]
     no_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True)
     assert no_torch.returncode == 1 and "No module named 'torch'" in no_torch.stderr
