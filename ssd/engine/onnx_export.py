@@ -11,13 +11,17 @@ Graph (:func:`export_onnx`):
 
 The anchors, the box decoding (``ssd.core.anchors.offset_inverse``) and the NMS threshold and mode
 are part of the graph (ONNX ``NonMaxSuppression``). The model's settings are also in the file's
-metadata (``ssd.*`` keys: image size, class names as JSON, NMS threshold and mode, the default score
-threshold, and the ``model`` block naming where it came from). ``docs/registry.md`` shows a
-consumer with numpy, Pillow and onnxruntime only.
+metadata (:data:`META_PREFIX` + each of :data:`META_KEYS`: image size, class names as JSON, NMS
+threshold and mode, the default score threshold, the image pixel limit, and the ``model`` block
+naming where it came from). :func:`compare` is the check every written file passes: onnxruntime's
+detections equal PyTorch's within :data:`ATOL`. The consumer without torch (``consumer/ssd_onnx``)
+keeps copies of these names; ``tests/pipeline/test_onnx_consumer.py`` checks they agree.
 """
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssd.core.anchors import offset_inverse
+from ssd.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ssd.engine.inference import Detector, describe, detect_raw
 from ssd.util.files import atomic_path
 
@@ -33,6 +38,14 @@ INPUT = "images"
 OUTPUTS = ("batch_index", "class_id", "score", "box")
 POS_THRESHOLD = 0.009999999  # ssd.core.anchors.multibox_detection's: rows under it are never detections
 META_PREFIX = "ssd."
+META_KEYS = ("image_size", "classes", "nms_threshold", "nms", "threshold", "max_image_pixels", "model", "input",
+             "outputs")
+# How far onnxruntime's scores and box fractions may be from PyTorch's for the same rows (same count,
+# same classes, same order): float32 kernels that sum in another order differ by ~1e-6; 1e-4 is a
+# hundredth of a score step as printed, a tenth of a pixel on a 1000-pixel image.
+ATOL = 1e-4
+OPSET = 20
+_TRACED = ("boxes", "nms_scores", "conf", "class_ids")  # DecodedSSD's outputs, before NMS
 
 
 class DecodedSSD(nn.Module):
@@ -60,21 +73,18 @@ class DecodedSSD(nn.Module):
         return boxes, nms_scores, conf, class_id
 
 
-def export_onnx(detector: Detector, out: str | Path, threshold: float) -> dict[str, str]:
+def export_onnx(detector: Detector, out: str | Path, threshold: float,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, str]:
     """Write ``detector`` (its net, image size, NMS threshold and mode) to ``out`` as the graph of the
-    module docstring, atomically; returns the metadata written (``threshold``: the default score)."""
+    module docstring, atomically; returns the metadata written (``threshold``: the default score,
+    ``max_image_pixels``: the largest image a consumer should decode)."""
     import onnx
 
     net = detector.net.eval().to("cpu")
     module = DecodedSSD(net, detector.image_size, detector.per_class).eval()
-    example = torch.zeros(2, 3, detector.image_size, detector.image_size, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(module, (example,), input_names=[INPUT],
-                                output_names=["boxes", "nms_scores", "conf", "class_ids"],
-                                dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
-    model = program.model_proto
+    model = _trace(module, detector.image_size)
     _append_nms(model, detector.nms_threshold, int(module.anchors.shape[0]))
-    meta = metadata(detector, threshold)
+    meta = metadata(detector, threshold, max_image_pixels)
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -84,11 +94,33 @@ def export_onnx(detector: Detector, out: str | Path, threshold: float) -> dict[s
     return meta
 
 
-def metadata(detector: Detector, threshold: float) -> dict[str, str]:
-    """The model's settings as the ONNX file's metadata (``ssd.`` keys, string values)."""
+def _trace(module: DecodedSSD, image_size: int) -> Any:
+    """The graph before NMS (outputs :data:`_TRACED`, any batch size) as an ONNX ``ModelProto``.
+
+    torch's TorchScript exporter, not its default ``torch.export`` one: the same graph in about 2 s
+    instead of 15 to 30 s on 2 CPU cores, which every registered version pays (``ssd register`` exports
+    it), and it needs no onnxscript. Deprecated since torch 2.9 but present in the pinned 2.14; if it
+    goes, ``dynamo=True`` with ``dynamic_shapes`` (and onnxscript in the dependencies) is the change,
+    and :func:`compare` checks either before a file is kept.
+    """
+    import onnx
+
+    example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)        # the exporter's own notice
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # the anchor cache's Python branch: constant here
+        torch.onnx.export(module, (example,), buffer, input_names=[INPUT], output_names=list(_TRACED),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT, *_TRACED)}, opset_version=OPSET,
+                          dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def metadata(detector: Detector, threshold: float, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, str]:
+    """The model's settings as the ONNX file's metadata (:data:`META_KEYS` with :data:`META_PREFIX`, string values)."""
     block = describe(detector)
     values = {"image_size": block["image_size"], "classes": block["classes"], "nms_threshold": block["nms_threshold"],
-              "nms": block["nms"], "threshold": threshold, "model": block,
+              "nms": block["nms"], "threshold": threshold, "max_image_pixels": max_image_pixels, "model": block,
               "input": f"{INPUT}: uint8 [B, 3, S, S] RGB 0..255, resized to S x S (bilinear)",
               "outputs": "batch_index, class_id, score, box (x1, y1, x2, y2 as fractions of width and height)"}
     return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
@@ -141,7 +173,7 @@ def run_onnx(path: str | Path, images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def compare(path: str | Path, detector: Detector, images: torch.Tensor, threshold: float,
-            atol: float = 1e-4) -> list[str]:
+            atol: float = ATOL) -> list[str]:
     """Where the ONNX file's detections above ``threshold`` differ from PyTorch's on ``images``
     (count, class, score or box beyond ``atol``); empty when they agree."""
     ours = detect_raw(detector.net, images, detector.nms_threshold, per_class=detector.per_class)

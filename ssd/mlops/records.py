@@ -1,4 +1,5 @@
-"""The registry's names that other code reads: the aliases, and the keys of ``reports/registration.json``.
+"""The registry's names that other code reads: the aliases, the keys of ``reports/registration.json``
+and where a version's ONNX file is.
 
 ``ssd.stages.register`` writes the record with these keys and the flow (``flows/retrain.py``) reads
 it with them. No MLflow or torch here: the flow imports this cheaply.
@@ -10,6 +11,11 @@ from dataclasses import dataclass
 CHAMPION, CHALLENGER = "champion", "challenger"   # the registered model's aliases (alias_uri)
 METRIC = "map_50"                                 # the validation metric that decides promotion
 PROMOTED, KEPT = "promoted", "kept"               # the record's decision
+# Where a registered version's ONNX file is (``ssd register`` logs it; consumer/ssd_onnx reads it):
+# this path, one per version, inside the artifacts of the version's run (one run may register two
+# versions: raising train.epochs continues a finished run), named by the version tag ONNX_TAG.
+ONNX_ARTIFACT = "onnx/{name}/{version}/model.onnx"   # MLflow refuses '/' and ':' in model names
+ONNX_TAG = "onnx"                                 # its value: onnx_uri(<the version's run id>, name, version)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class RecordKeys:
     provenance: str = "provenance"
     val_digest: str = "val_digest"                # the validation split the candidate was scored on
     gate: str = "gate"                            # GateKeys' figures, or None when no champion was compared
+    onnx: str = "onnx"                            # onnx_uri: the version's ONNX file (its tag ONNX_TAG)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,17 @@ def version_uri(name: str, version: int | str) -> str:
 def alias_uri(name: str, alias: str = CHAMPION) -> str:
     """``models:/<name>@<alias>``: whichever version the alias points at when it is loaded."""
     return f"models:/{name}@{alias}"
+
+
+def onnx_artifact(name: str, version: int | str) -> str:
+    """``onnx/<name>/<version>/model.onnx``: version ``version`` of ``name``'s ONNX file in its run's artifacts."""
+    return ONNX_ARTIFACT.format(name=name, version=version)
+
+
+def onnx_uri(run_id: str, name: str, version: int | str) -> str:
+    """``runs:/<run id>/onnx/<name>/<version>/model.onnx``: the ONNX file of that version, registered
+    from run ``run_id`` (the value of its tag :data:`ONNX_TAG`)."""
+    return f"runs:/{run_id}/{onnx_artifact(name, version)}"
 
 
 def figures(*values: float, decimals: int = 4) -> tuple[str, ...]:

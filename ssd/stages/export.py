@@ -1,4 +1,4 @@
-"""``ssd export``: a model as one ONNX file that runs on onnxruntime without torch (``pip install '.[export]'``).
+"""``ssd export``: a model as one ONNX file that runs on onnxruntime without torch.
 
     ssd export [--model models:/tinyssd@champion | models:/tinyssd/3 | runs:/ID/model | model.pt] --out model.onnx
 
@@ -6,14 +6,15 @@ The model is loaded as ``ssd predict`` loads it (weights and settings, no stored
 ``ssd.mlops.models``; its own image size, classes and NMS, ``ssd.stages.model_params``). The graph
 (``ssd.engine.onnx_export``) takes ``uint8`` images and returns the detections after NMS; the settings
 and the model's name, version and run are in its metadata. Before the file is kept, onnxruntime's
-detections on generated images are compared with PyTorch's: a difference fails the command and
-nothing is written. Prints the metadata written as JSON.
+detections on generated images are compared with PyTorch's (``ssd.engine.onnx_export.compare``:
+every row NMS keeps, within ``ATOL``): a difference fails the command and nothing is written.
+Prints the metadata written as JSON. ``ssd register`` logs the same file with every version
+(``ssd.mlops.onnx_artifact``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import sys
 import tempfile
@@ -24,9 +25,9 @@ from ssd.mlops.records import CHAMPION
 from ssd.stages import common, model_params
 from ssd.util.files import atomic_path
 
-PARAMS = ("evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size", "registry.model_name")
+PARAMS = ("evaluate.threshold", "evaluate.nms_threshold", "evaluate.nms", "data.image_size", "data.max_image_pixels",
+          "registry.model_name")
 CHECK_IMAGES = 4
-EXTRA = ("onnx", "onnxscript", "onnxruntime")  # pyproject.toml's [export]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,18 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
-    if missing:
-        raise RuntimeError(f"ssd export needs {', '.join(missing)}: pip install -e '.[export]'")
-    from ssd.engine.onnx_export import compare, export_onnx, sample_images
+    from ssd.engine.onnx_export import ATOL, compare, export_onnx, sample_images
 
     detector, settings = model_params.open_detector(args, PARAMS, "export", "cpu")
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="ssd-export-") as tmp:
         candidate = Path(tmp) / out.name
         with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines: stdout is for the JSON
-            meta = export_onnx(detector, candidate, settings.evaluate.threshold)
-        problems = compare(candidate, detector, sample_images(CHECK_IMAGES, detector.image_size), 0.0)
+            meta = export_onnx(detector, candidate, settings.evaluate.threshold, settings.data.max_image_pixels)
+        problems = compare(candidate, detector, sample_images(CHECK_IMAGES, detector.image_size), 0.0, ATOL)
         if problems:
             raise RuntimeError(f"{detector.source.uri}: the ONNX graph does not give PyTorch's detections "
                                f"({'; '.join(problems)}): {out} not written")

@@ -9,11 +9,17 @@ re-scored first if its figure came from another validation split). The version's
 states its metrics and that decision; ``reports/registration.json`` records the outcome (keys:
 ``ssd.mlops.records``).
 
+Every version also gets its ONNX file (``ssd.mlops.onnx_artifact``): the version's weights as
+``ssd export`` writes them, checked against PyTorch on validation images, logged into the version's
+run as ``onnx/<name>/<version>/model.onnx`` and named by the version's tag ``onnx``
+(``ssd.mlops.records``), so a consumer without torch can fetch the ONNX of ``models:/tinyssd@champion``.
+
 Order, so that a failure moves nothing: everything the decision needs is read first (the run, the
 champion, an existing version); then the version is registered (or reused) and must load from the
-registry and predict one validation image (``ssd.mlops.registry.check_version``); only then do
-``challenger`` and ``champion`` move. Running it twice is safe: a version with the same weights
-(``ssd.mlops.registry.weights_digest``) is reused rather than duplicated.
+registry and predict one validation image (``ssd.mlops.registry.check_version``), then its ONNX file
+must match PyTorch and be logged (once per version: a reused version that has it keeps it); only
+then do ``challenger`` and ``champion`` move. Running it twice is safe: a version with the same
+weights (``ssd.mlops.registry.weights_digest``) is reused rather than duplicated.
 
 Two at once take turns: from reading the champion to moving the aliases the stage holds the
 registry lock (``ssd.mlops.lease``), so a second ``ssd register`` of the same weights finds the
@@ -33,7 +39,8 @@ from typing import Any
 from ssd.data.layout import EVAL_FILE, MODEL_FILE, RAW_DIR, REGISTRATION_FILE, RUN_FILE
 from ssd.mlops.provenance import run_provenance, split_digest
 from ssd.mlops.lease import Lease, registry_lock
-from ssd.mlops.records import CHALLENGER, CHAMPION, GATE, METRIC, RECORD, version_uri
+from ssd.mlops.onnx_artifact import log_onnx
+from ssd.mlops.records import CHALLENGER, CHAMPION, GATE, METRIC, ONNX_TAG, RECORD, version_uri
 from ssd.mlops.registry import (CHAMPION_REASON, LOAD_CHECK, LOAD_PASSED, MODEL_SHA, RUN_ID, VAL_DIGEST, WEIGHTS,
                                 Decision, champion_gate, champion_of, check_version, decide_promotion, find_version,
                                 log_pyfunc, model_config, validation_split, version_description, weights_digest)
@@ -197,7 +204,7 @@ def _move_aliases(before: _Before, version_no: str, decision: Decision) -> None:
 
 
 def _record(before: _Before, found: _Found, version_no: str, decision: Decision, gate: dict[str, Any] | None,
-            candidate: float) -> dict[str, Any]:
+            candidate: float, onnx: str) -> dict[str, Any]:
     """What ``reports/registration.json`` says: the registry's aliases as they are after the move, and
     "promoted" only if the version is the champion then."""
     name = before.name
@@ -211,7 +218,8 @@ def _record(before: _Before, found: _Found, version_no: str, decision: Decision,
             RECORD.champion_version: int(champion) if champion is not None else None,
             RECORD.val_map_50: candidate, RECORD.run_id: before.run_id, RECORD.tracking_uri: before.uri,
             RECORD.reused_version: found.existing is not None, RECORD.weights_digest: before.weights,
-            RECORD.provenance: before.origin, RECORD.val_digest: before.val_digest, RECORD.gate: gate}
+            RECORD.provenance: before.origin, RECORD.val_digest: before.val_digest, RECORD.gate: gate,
+            RECORD.onnx: onnx}
 
 
 def register(settings: Settings, model_path: str | Path = MODEL_FILE, eval_file: str | Path = EVAL_FILE,
@@ -228,9 +236,10 @@ def register(settings: Settings, model_path: str | Path = MODEL_FILE, eval_file:
         version_no = str(version.version)
         if (version.tags or {}).get(LOAD_CHECK) != LOAD_PASSED:  # checked once per version: the weights do not change
             check_version(before.client, before.name, version_no, before.split_dir)
+        onnx = (version.tags or {}).get(ONNX_TAG) or log_onnx(before.client, before.name, version, before.split_dir)
         candidate = float(before.metrics[METRIC])
         decision, gate = _decide_and_move(before, lease, found.champion, version_no, candidate, settings.data,
                                           settings.evaluate)
-        record = _record(before, found, version_no, decision, gate, candidate)
+        record = _record(before, found, version_no, decision, gate, candidate, onnx)
     atomic_write_json(out, record)
     return record

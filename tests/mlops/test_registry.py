@@ -219,3 +219,30 @@ def test_model_that_does_not_load_is_registered_but_never_champion(mlflow_server
     assert _state(client, name) == ([("1", [])], None)  # no champion even with none before: no alias at all
     assert client.get_model_version(name, "1").tags["load_check"].startswith("failed: ")
     assert not broken["out"].exists()
+
+
+@pytest.mark.slow
+def test_an_onnx_file_that_cannot_be_logged_moves_no_alias(mlflow_server, tmp_path, capsys):
+    """The ONNX file is logged after the load check and before any alias moves: when the run's
+    artifact folder cannot take it (a file where its folder goes), the version stays without
+    aliases; once it can, the same command logs it and moves them."""
+    import mlflow
+
+    name = "tinyssd-fault-onnx"
+    run = _training_run(tmp_path / "run", mlflow_server, seed=0, map_50=0.5)
+    run_id = json.loads(run["run_file"].read_text())["run_id"]
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+    artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))  # the server's local store
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "onnx").write_text("in the way")
+    assert _register_cli(run, name) == 1
+    assert f"cannot log the ONNX file of models:/{name}/1 into run {run_id}" in capsys.readouterr().err
+    assert _state(client, name) == ([("1", [])], None) and not run["out"].exists()
+    tags = client.get_model_version(name, "1").tags
+    assert tags["load_check"] == "passed" and "onnx" not in tags
+
+    (artifacts / "onnx").unlink()
+    assert _register_cli(run, name) == 0
+    assert _state(client, name) == ([("1", ["challenger", "champion"])], "1")
+    assert client.get_model_version(name, "1").tags["onnx"] == f"runs:/{run_id}/onnx/{name}/1/model.onnx"
+    assert json.loads(run["out"].read_text())["onnx"] == f"runs:/{run_id}/onnx/{name}/1/model.onnx"

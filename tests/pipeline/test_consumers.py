@@ -135,8 +135,6 @@ def test_an_mlmodel_that_is_not_ssds_pyfunc_is_refused(mlmodel, message):
 
 
 def test_export_onnx_runs_on_onnxruntime_with_pytorchs_detections(outside):
-    pytest.importorskip("onnxruntime", reason="the [export] extra (onnxruntime) is not installed")
-    pytest.importorskip("onnxscript", reason="the [export] extra (onnxscript) is not installed")
     from ssd.engine.inference import detect_raw
     from ssd.engine.onnx_export import run_onnx, sample_images
 
