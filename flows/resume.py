@@ -2,8 +2,8 @@
 
 A run that is cancelled, fails or crashes saves no DVC experiment, and its workspace is removed;
 its training checkpoints (``models/checkpoints``, cached by DVC only when the train stage ends) are
-first moved to ``.dvc/tmp/flow-checkpoints/<commit>-<params digest>/`` in the project (ignored by
-git and DVC). The key is what :func:`flows.workspace.continue_from_experiment` matches an
+first kept (hard links, no copies) in ``.dvc/tmp/flow-checkpoints/<commit>-<params digest>/`` of
+the project (ignored by git and DVC). The key is what :func:`flows.workspace.continue_from_experiment` matches an
 experiment on: the workspace's ``HEAD`` and its whole ``params.yaml``. The next run whose
 workspace has the same key takes them, by a rename (so one run only: two runs never train from
 the same checkpoint at once), into its own ``models/checkpoints`` before the stages run, and its
@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,6 @@ from ssd.util.files import lock_file, waiting_lock
 
 KEPT_DIR = Path(".dvc/tmp/flow-checkpoints")  # in the project, beside the runs' workspaces
 KEEP = 4                # keys kept at most (each holds the trainer's last checkpoints, a few MB)
-TRAINING_WAIT_S = 20.0  # a stopped training's last seconds (it ends its MLflow run): under Prefect's 30 s grace
 LOCK_WAIT_S = 60.0      # another run moving kept checkpoints: a rename or two
 
 
@@ -43,27 +43,32 @@ def kept_folder(project: Path, workspace: Path) -> Path:
     return project / KEPT_DIR / resume_key(workspace)
 
 
-def keep_checkpoints(project: Path, workspace: Path, log: Callable[[str], None] = print,
-                     wait_s: float = TRAINING_WAIT_S) -> Path | None:
-    """Move ``workspace``'s checkpoints to :func:`kept_folder`; returns it, or None when there were none.
+def keep_checkpoints(project: Path, workspace: Path, log: Callable[[str], None] = print) -> Path | None:
+    """Keep ``workspace``'s checkpoints in :func:`kept_folder`; returns it, or None when there were none.
 
-    Waits up to ``wait_s`` for the training to let go of them (``LockHeld`` after: it still runs).
-    Where a folder is kept already for the key, the one whose newest checkpoint is later stays.
+    The files are hard-linked (no copy), at once: a training that is stopping may still be ending
+    its MLflow run, but it writes every checkpoint atomically (a ``.tmp-*`` file, then a rename),
+    so each file taken is whole. Where a folder is kept already for the key, the one whose newest
+    checkpoint is later stays.
     """
     source = workspace / CHECKPOINT_DIR
-    with waiting_lock(lock_file(source), wait_s):  # the training's own lock: held until it has exited
-        if not source.is_dir() or not any(source.iterdir()):
-            return None
-        target = kept_folder(project, workspace)
-        with waiting_lock(lock_file(project / KEPT_DIR), LOCK_WAIT_S):
-            if target.is_dir() and _newest(target) > _newest(source):
-                log(f"checkpoints not kept: {target} holds later ones")
-                return target
-            shutil.rmtree(target, ignore_errors=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(source, target)  # the same file system: the project holds both
-            os.utime(target)           # the order in which folders were kept (see _prune)
-            _prune(project / KEPT_DIR)
+    files = sorted(p for p in source.glob("*") if not p.name.startswith(".")) if source.is_dir() else []
+    if not files:
+        return None
+    target = kept_folder(project, workspace)
+    with waiting_lock(lock_file(project / KEPT_DIR), LOCK_WAIT_S):
+        if target.is_dir() and _newest(target) > files[-1].name:
+            log(f"checkpoints not kept: {target} holds later ones")
+            return target
+        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=_made(project / KEPT_DIR)))
+        for file in files:
+            try:
+                os.link(file, incoming / file.name)  # the same file system: the project holds both
+            except FileNotFoundError:  # pruned by the training meanwhile: a later one is there
+                continue
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(incoming, target)
+        _prune(project / KEPT_DIR)
     log(f"checkpoints kept for the next run with these params: {target} ({', '.join(_names(target))})")
     return target
 
@@ -90,6 +95,11 @@ def drop_kept(project: Path, workspace: Path) -> None:
         shutil.rmtree(kept_folder(project, workspace), ignore_errors=True)
 
 
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
@@ -100,6 +110,8 @@ def _newest(folder: Path) -> str:
 
 
 def _prune(kept: Path) -> None:
-    folders = sorted((p for p in kept.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    # A folder's mtime: when it was kept (its files were linked into it then)
+    folders = sorted((p for p in kept.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
     for old in folders[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)

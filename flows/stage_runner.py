@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ RAN, RESTORED, SKIPPED = "ran", "restored", "skipped"
 # `source`, the always-run fingerprint of the data source that decides whether fetch reruns.
 UPSTREAM = {"fetch": ("source",)}
 TAIL_LINES = 15
+STOP_DRAIN_S = 20.0  # a stopped stage's last output is read this long at most (Prefect's grace: 30 s)
 
 
 class StageFailed(RuntimeError):
@@ -112,7 +114,14 @@ def _pump(stream: io.TextIOBase, name: str, lines: queue.Queue) -> None:
 
 def _stream(command: list[str], cwd: Path, env: dict[str, str],
             log: Callable[[str], None]) -> tuple[dict[str, deque], int]:
-    """Run ``command``, passing each output line to ``log``; ``(stdout/stderr tails, exit status)``."""
+    """Run ``command``, passing each output line to ``log``; ``(stdout/stderr tails, exit status)``.
+
+    Stopped meanwhile (a Prefect Cancel signals the run's whole process group, so the stage's
+    processes are stopping too), it goes on reading their output for up to :data:`STOP_DRAIN_S`,
+    until they have all closed it, before the exception goes on: a process whose reader is gone
+    fails on its next line, and MLflow prints one (the run's address) before it records the
+    training's run as KILLED.
+    """
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1)
     # Two reader threads feed one queue so neither pipe can fill up and block the stage; logging
@@ -121,13 +130,26 @@ def _stream(command: list[str], cwd: Path, env: dict[str, str],
     for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
         threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
     tails = {"stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES)}
-    open_streams = 2
-    while open_streams:
-        name, line = lines.get()
+    open_streams = [2]
+    try:
+        _read(lines, tails, open_streams, log)
+    except BaseException:
+        _read(lines, tails, open_streams, log, deadline=time.monotonic() + STOP_DRAIN_S)
+        raise
+    return tails, proc.wait()
+
+
+def _read(lines: queue.Queue, tails: dict[str, deque], open_streams: list[int], log: Callable[[str], None],
+          deadline: float | None = None) -> None:
+    """Log the queued lines until both streams have ended (or ``deadline``, a ``time.monotonic()``)."""
+    while open_streams[0]:
+        try:
+            name, line = lines.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return
         if line is None:
-            open_streams -= 1
+            open_streams[0] -= 1
             continue
         log(line)
         if line.strip():
             tails[name].append(line)
-    return tails, proc.wait()

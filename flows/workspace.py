@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from flows.resume import keep_checkpoints
+from ssd.data.layout import CHECKPOINT_DIR
 from ssd.util.files import LockHeld, exclusive_lock, lock_file, waiting_lock
 
 RUNS_DIR = Path(".dvc/tmp/flow-runs")  # under the project; .dvc/tmp is ignored by git and by DVC
@@ -116,8 +117,9 @@ def remove_abandoned(project: Path, log: Callable[[str], None] = print) -> list[
         try:
             with exclusive_lock(lock):
                 if path.exists():
-                    if (path / "params.yaml").is_file():
-                        keep_checkpoints(project, path, log, wait_s=0)
+                    with exclusive_lock(lock_file(path / CHECKPOINT_DIR)):  # the training's own lock
+                        if (path / "params.yaml").is_file():
+                            keep_checkpoints(project, path, log)
                     _remove(project, path)
                     removed.append(path)
             lock.unlink(missing_ok=True)

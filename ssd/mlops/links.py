@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from ssd.data.layout import GALLERY_PICTURE
-from ssd.mlops.tracking import EVALUATION_PICTURES, client
+from ssd.mlops.tracking import EVALUATION_PICTURES, bound_http_retries, ensure_reachable
 
 LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
 GALLERY_ARTIFACT = f"{EVALUATION_PICTURES}/{GALLERY_PICTURE}"  # in the training's run
@@ -47,7 +47,13 @@ def run_links(tracking_uri: str, run_id: str, model_name: str | None = None,
               version: int | str | None = None) -> MlflowLinks:
     """:func:`ui_links` for a run of the store at ``tracking_uri``, which is asked for the run's
     experiment and whether it holds the gallery (MLflow errors propagate: the run must exist)."""
-    found = client(tracking_uri)
+    import mlflow
+
+    ensure_reachable(tracking_uri)
+    bound_http_retries()
+    # Not tracking.client(): that one also sets the process's fluent tracking URI, which the flow's
+    # process (or a test calling the flow in-process) has no use for.
+    found = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment_id = found.get_run(run_id).info.experiment_id
     pictures = {item.path for item in found.list_artifacts(run_id, EVALUATION_PICTURES)}
     return ui_links(tracking_uri, experiment_id, run_id, model_name, version,

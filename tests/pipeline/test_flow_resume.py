@@ -11,7 +11,7 @@ from flows.resume import KEEP, claim_checkpoints, drop_kept, keep_checkpoints, k
 from flows.summary import stopped_markdown
 from flows.workspace import RUNS_DIR, remove_abandoned
 from ssd.data.layout import CHECKPOINT_DIR
-from ssd.util.files import LockHeld, exclusive_lock, lock_file
+from ssd.util.files import exclusive_lock, lock_file
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
@@ -58,7 +58,7 @@ def test_a_stopped_runs_checkpoints_go_once_to_a_run_with_the_same_commit_and_pa
     stopped = workspace(project, "stopped", checkpoints=("epoch_0001.pt", "epoch_0002.pt"))
     kept = keep_checkpoints(project, stopped, quiet)
     assert kept == kept_folder(project, stopped) and held(kept) == ["epoch_0001.pt", "epoch_0002.pt"]
-    assert not (stopped / CHECKPOINT_DIR).exists()
+    assert (kept / "epoch_0002.pt").samefile(stopped / CHECKPOINT_DIR / "epoch_0002.pt")  # linked, not copied
     # Other params (one value; comments and layout alike count: the whole file is the key): nothing.
     assert claim_checkpoints(project, workspace(project, "other", "train:\n  epochs: 6  # comment\n"), quiet) == []
     # The same params: the kept checkpoints replace whatever the workspace had checked out.
@@ -76,12 +76,11 @@ def test_a_stopped_runs_checkpoints_go_once_to_a_run_with_the_same_commit_and_pa
     assert claim_checkpoints(project, workspace(project, "new-head"), quiet) == []
 
 
-def test_keep_waits_for_the_training_and_keeps_the_later_checkpoints(project):
-    training = workspace(project, "training", checkpoints=("epoch_0003.pt",))
-    with exclusive_lock(lock_file(training / CHECKPOINT_DIR)):  # a training still running there
-        with pytest.raises(LockHeld):
-            keep_checkpoints(project, training, quiet, wait_s=0.3)
-    kept = keep_checkpoints(project, training, quiet)
+def test_keep_takes_whole_checkpoints_only_and_the_later_ones(project):
+    training = workspace(project, "training", checkpoints=("epoch_0003.pt", ".tmp-epoch_0004.pt-x.pt"))
+    with exclusive_lock(lock_file(training / CHECKPOINT_DIR)):  # a training still stopping there
+        kept = keep_checkpoints(project, training, quiet)
+    assert held(kept) == ["epoch_0003.pt"]  # not the one it was writing
     behind = workspace(project, "behind", checkpoints=("epoch_0002.pt",))
     assert keep_checkpoints(project, behind, quiet) == kept and held(kept) == ["epoch_0003.pt"]
     ahead = workspace(project, "ahead", checkpoints=("epoch_0004.pt",))
