@@ -11,12 +11,18 @@ records whether the stage's dependencies moved:
                outputs from its run cache
 ``skipped``    neither: nothing the stage depends on changed
 =============  ====================================================================
+
+A flow that is stopped (a Prefect Cancel, Ctrl-C) stops its running stage first: one SIGTERM to
+the stage's process group, its last output read, SIGKILL to what is left after
+:data:`STOP_DRAIN_S` (``_stop``).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,14 +122,13 @@ def _stream(command: list[str], cwd: Path, env: dict[str, str],
             log: Callable[[str], None]) -> tuple[dict[str, deque], int]:
     """Run ``command``, passing each output line to ``log``; ``(stdout/stderr tails, exit status)``.
 
-    Stopped meanwhile (a Prefect Cancel signals the run's whole process group, so the stage's
-    processes are stopping too), it goes on reading their output for up to :data:`STOP_DRAIN_S`,
-    until they have all closed it, before the exception goes on: a process whose reader is gone
-    fails on its next line, and MLflow prints one (the run's address) before it records the
-    training's run as KILLED.
+    The command runs in a process group of its own, which this function stops when it is itself
+    stopped (:func:`_stop`): a Prefect Cancel signals the flow run's process alone when the
+    deployment is served, its whole group on a worker; either way each process of the stage gets
+    one SIGTERM, from here.
     """
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, bufsize=1, start_new_session=True)
     # Two reader threads feed one queue so neither pipe can fill up and block the stage; logging
     # stays in this (the task's) thread.
     lines: queue.Queue = queue.Queue()
@@ -134,9 +139,29 @@ def _stream(command: list[str], cwd: Path, env: dict[str, str],
     try:
         _read(lines, tails, open_streams, log)
     except BaseException:
-        _read(lines, tails, open_streams, log, deadline=time.monotonic() + STOP_DRAIN_S)
+        _stop(proc, lambda deadline: _read(lines, tails, open_streams, log, deadline))
         raise
     return tails, proc.wait()
+
+
+def _stop(proc: subprocess.Popen, read_until: Callable[[float], None]) -> None:
+    """Stop a stage whose flow is stopping: SIGTERM to its process group (``torchrun`` passes it to
+    its workers), its output read until every process has closed it (:data:`STOP_DRAIN_S` at most:
+    a process whose reader is gone fails on its next line, and MLflow prints one before it records
+    the training's run KILLED), then SIGKILL to whatever of its process tree is left."""
+    import psutil  # a dependency of DVC's
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (psutil.NoSuchProcess, ProcessLookupError):  # it had ended
+        tree = []
+    read_until(time.monotonic() + STOP_DRAIN_S)
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # psutil checks that the pid is still this process, not a new one
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 def _read(lines: queue.Queue, tails: dict[str, deque], open_streams: list[int], log: Callable[[str], None],

@@ -183,7 +183,7 @@ def test_two_runs_at_once_one_resuming_the_cancelled_one(served, cancelled, mlfl
     cancelled_run, cancelled_epoch = last["mlflow_run_id"], last["epoch"]
     started_ms = time.time() * 1000
     runs = {"resumed": start_run(RESUMED), "other": start_run(OTHER)}
-    finals = {key: wait(lambda r=run: (f := client_call("read_flow_run", r.id)).state.is_final() and f, 420,
+    finals = {key: wait(lambda r=run: (f := client_call("read_flow_run", r.id)).state.is_final() and f, 540,
                         f"the {key} run") for key, run in runs.items()}
     assert all(run.state.is_completed() for run in finals.values()), \
         ({k: r.state for k, r in finals.items()}, served["log"].read_text()[-3000:])

@@ -1,5 +1,6 @@
-"""A stage stopped with its flow (a Prefect Cancel signals the flow run's whole process group): the
-flow keeps reading the stage's output until the stage has ended, so the stage's last lines (MLflow
+"""A stage stopped with its flow: a Prefect Cancel signals the flow run's process alone (a served
+deployment) or its process group (a worker). Either way the flow stops the stage, one SIGTERM to
+each of its processes, and reads the stage's output until it has ended, so its last lines (MLflow
 prints one before it records a run KILLED) reach a reader instead of a closed pipe. Real processes."""
 from __future__ import annotations
 
@@ -11,17 +12,25 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
-# The stage: on SIGTERM it takes a second to stop (ending its MLflow run), then prints a last line.
+# The stage: on SIGTERM it takes a second to stop (ending its MLflow run), then prints a last line;
+# it notes each SIGTERM it got, and whether its last line found a reader.
 STAGE = textwrap.dedent("""
     import pathlib, signal, sys, time
 
+    marker = pathlib.Path(sys.argv[1])
+
     def stop(signum, frame):
+        with open(marker, "a") as notes:
+            notes.write("SIGTERM\\n")
         time.sleep(1.0)
         try:
             print("stopped cleanly", flush=True)
-            pathlib.Path(sys.argv[1]).write_text("its last line was read")
+            with open(marker, "a") as notes:
+                notes.write("its last line was read\\n")
         except BrokenPipeError:
             pass
         sys.exit(143)
@@ -45,7 +54,8 @@ FLOW = textwrap.dedent("""
 """)
 
 
-def test_a_stopped_flow_reads_its_stages_last_lines(tmp_path):
+@pytest.mark.parametrize("send", [os.kill, os.killpg], ids=["served: the flow's process", "worker: its group"])
+def test_a_stopped_flow_stops_its_stage_once_and_reads_its_last_lines(tmp_path, send):
     marker, log = tmp_path / "marker", tmp_path / "flow.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "w") as out:
@@ -55,6 +65,6 @@ def test_a_stopped_flow_reads_its_stages_last_lines(tmp_path):
     while "ready" not in log.read_text():
         assert flow.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
-    os.killpg(flow.pid, signal.SIGTERM)  # the flow and the stage at once, as Prefect's runner does
+    send(flow.pid, signal.SIGTERM)  # as Prefect's runner does on a Cancel
     assert flow.wait(timeout=30) == 143
-    assert marker.read_text() == "its last line was read" and "stopped cleanly" in log.read_text()
+    assert marker.read_text() == "SIGTERM\nits last line was read\n" and "stopped cleanly" in log.read_text()
