@@ -12,6 +12,9 @@ saved as a DVC experiment named after the flow run (params, ``dvc.lock``, metric
 and model are pushed to the DVC remote and its ref to the git remote ``origin`` when there is one.
 A run whose params equal an earlier experiment's on the same commit continues from that one (its
 ``dvc.lock`` and outputs), so unchanged stages are skipped and training resumes from checkpoints.
+A run that does not finish (a Prefect Cancel: SIGTERM to its processes; a failed stage; a crash)
+keeps its training checkpoints for the next run with the same params on the same commit
+(``flows.resume``), which resumes from them; its summary says so and where they are.
 
 Each task runs ``dvc repro --single-item <stage>`` in the workspace (``flows.stage_runner``), so the
 flow executes exactly the commands of ``dvc.yaml``: an unchanged stage is skipped and no stage logic
@@ -39,15 +42,19 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import ExternalSignal
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.params_file import flow_overrides, write_params
+from flows.resume import claim_checkpoints, drop_kept, keep_checkpoints
 from flows.stage_runner import TransientStageFailure, run_stage
-from flows.summary import collect_results, summary_markdown
+from flows.summary import collect_results, stopped_markdown, summary_markdown
 from flows.workspace import continue_from_experiment, experiment_name, publish, run_workspace
 from ssd.data.source import fetch_reason, fetched_fingerprint, read_fingerprint
 from ssd.data.layout import RAW_DIR, SOURCE_FILE
+from ssd.mlops.links import MlflowLinks, run_links
+from ssd.mlops.records import RECORD
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("fetch", "validate", "train", "evaluate", "register")
@@ -112,7 +119,9 @@ def register(project_dir: str, env: dict[str, str] | None = None) -> str:
 def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = None, nproc: int | None = None,
             source: str | None = None, fetch_backoff_s: float = FETCH_BACKOFF_S) -> dict[str, Any]:
     """fetch -> validate -> train -> evaluate -> register in the run's own workspace, saved as a DVC
-    experiment named after the flow run, with a run summary.
+    experiment named after the flow run, with a run summary (the MLflow run, version and gallery
+    linked). Checkpoints that a stopped run kept for these params are resumed from; a run that
+    stops keeps its own (``flows.resume``).
 
     ``overrides``: ``key.sub=value`` items applied to the workspace's ``params.yaml`` (like ``dvc exp
     run -S``); ``nproc``: torchrun processes for training (``train.nproc``); ``source``: the dataset
@@ -124,29 +133,70 @@ def retrain(project_dir: str = str(REPO_ROOT), overrides: list[str] | None = Non
     if not (project / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{project}: no dvc.yaml (project_dir must be the repository root)")
     name = experiment_name(flow_run.get_name() or "run")
+    outcomes: dict[str, str] = {}
     with run_workspace(project, name, logger.info) as workspace:
         changed = write_params(workspace / "params.yaml", flow_overrides(overrides, nproc, source))
         logger.info("params.yaml (this run's workspace): %s", ", ".join(changed) or "unchanged")
         continue_from_experiment(workspace, logger.info)
-        outcomes, data = _run_stages(workspace, stage_environment(project, name), fetch_backoff_s)
-        results = collect_results(workspace)
-        experiment = publish(workspace, name, ("source", *outcomes), logger.info)
-    create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed, data, experiment),
+        resumed = claim_checkpoints(project, workspace, logger.info)
+        try:
+            data = _run_stages(workspace, stage_environment(project, name), fetch_backoff_s, outcomes)
+            results = collect_results(workspace)
+            experiment = publish(workspace, name, ("source", *outcomes), logger.info)
+        except BaseException as exc:
+            _stopped(project, workspace, exc, outcomes, changed)
+            raise
+        drop_kept(project, workspace)
+    links = _mlflow_links(results.get("registration") or {})
+    create_markdown_artifact(markdown=summary_markdown(results, outcomes, changed, data, experiment, resumed, links),
                              key=ARTIFACT_KEY,
                              description="TinySSD retraining: data, metrics, model version, champion decision")
-    return {"stages": outcomes, "params_changed": changed, "data": data, "experiment": experiment, **results}
+    return {"stages": outcomes, "params_changed": changed, "data": data, "experiment": experiment,
+            "resumed": resumed, **results}
 
 
-def _run_stages(workspace: Path, env: dict[str, str], fetch_backoff_s: float) -> tuple[dict[str, str], dict]:
-    """Every stage in order in ``workspace``; the outcomes and why the data was (not) fetched again."""
+def _run_stages(workspace: Path, env: dict[str, str], fetch_backoff_s: float, outcomes: dict[str, str]) -> dict:
+    """Every stage in order in ``workspace``, each one's outcome into ``outcomes`` as it ends; returns
+    why the data was (not) fetched again."""
     fetched_from = fetched_fingerprint(workspace / RAW_DIR)  # before fetch may replace the data
-    outcomes = {"fetch": fetch.with_options(
-        retry_delay_seconds=exponential_backoff(fetch_backoff_s)(FETCH_RETRIES))(str(workspace), env)}
+    outcomes["fetch"] = fetch.with_options(
+        retry_delay_seconds=exponential_backoff(fetch_backoff_s)(FETCH_RETRIES))(str(workspace), env)
     data = fetch_reason(fetched_from, read_fingerprint(workspace / SOURCE_FILE), outcomes["fetch"])
     get_run_logger().info("data: %s", data["reason"])
     for stage_task in (validate, train, evaluate, register):
         outcomes[stage_task.name] = stage_task(str(workspace), env)
-    return outcomes, data
+    return data
+
+
+def _stopped(project: Path, workspace: Path, exc: BaseException, outcomes: dict[str, str], changed: list[str]) -> None:
+    """A run that will not finish (cancelled, failed): keep its checkpoints for the next run with its
+    params and say so in the run's artifact. Nothing here may hide ``exc``: errors are logged."""
+    logger = get_run_logger()
+    # A Prefect Cancel is a SIGTERM to the run's process group (ExternalSignal here), Ctrl-C a KeyboardInterrupt.
+    how = "cancelled" if isinstance(exc, (ExternalSignal, KeyboardInterrupt)) else "failed"
+    kept = None
+    try:
+        kept = keep_checkpoints(project, workspace, logger.info)
+    except Exception as error:  # the training still holds them, a full disk: they go with the workspace
+        logger.warning("checkpoints not kept: %s", error)
+    try:
+        stage = next((s for s in STAGES if s not in outcomes), None)
+        create_markdown_artifact(markdown=stopped_markdown(how, stage, outcomes, kept, changed), key=ARTIFACT_KEY,
+                                 description=f"TinySSD retraining {how}: where its checkpoints are kept")
+    except Exception as error:
+        logger.warning("no summary for the %s run: %s", how, error)
+
+
+def _mlflow_links(registration: dict[str, Any]) -> MlflowLinks | None:
+    """The MLflow pages of the registered version's run (None, with a warning, when the store does not answer)."""
+    if not registration.get(RECORD.run_id):
+        return None
+    try:
+        return run_links(registration[RECORD.tracking_uri], registration[RECORD.run_id],
+                         registration.get(RECORD.model_name), registration.get(RECORD.version))
+    except Exception as error:  # the summary still goes out, without links
+        get_run_logger().warning("no MLflow links in the summary: %s", error)
+        return None
 
 
 def stage_environment(project: Path, name: str) -> dict[str, str]:

@@ -11,16 +11,23 @@ records whether the stage's dependencies moved:
                outputs from its run cache
 ``skipped``    neither: nothing the stage depends on changed
 =============  ====================================================================
+
+A flow that is stopped (a Prefect Cancel, Ctrl-C) stops its running stage first: one SIGTERM to
+the stage's process group, its last output read, SIGKILL to what is left after
+:data:`STOP_DRAIN_S` (``_stop``).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +41,7 @@ RAN, RESTORED, SKIPPED = "ran", "restored", "skipped"
 # `source`, the always-run fingerprint of the data source that decides whether fetch reruns.
 UPSTREAM = {"fetch": ("source",)}
 TAIL_LINES = 15
+STOP_DRAIN_S = 20.0  # a stopped stage's last output is read this long at most (Prefect's grace: 30 s)
 
 
 class StageFailed(RuntimeError):
@@ -112,22 +120,61 @@ def _pump(stream: io.TextIOBase, name: str, lines: queue.Queue) -> None:
 
 def _stream(command: list[str], cwd: Path, env: dict[str, str],
             log: Callable[[str], None]) -> tuple[dict[str, deque], int]:
-    """Run ``command``, passing each output line to ``log``; ``(stdout/stderr tails, exit status)``."""
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    """Run ``command``, passing each output line to ``log``; ``(stdout/stderr tails, exit status)``.
+
+    The command runs in a process group of its own, which this function stops when it is itself
+    stopped (:func:`_stop`): a Prefect Cancel signals the flow run's process alone when the
+    deployment is served, its whole group on a worker; either way each process of the stage gets
+    one SIGTERM, from here.
+    """
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, bufsize=1, start_new_session=True)
     # Two reader threads feed one queue so neither pipe can fill up and block the stage; logging
     # stays in this (the task's) thread.
     lines: queue.Queue = queue.Queue()
     for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
         threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
     tails = {"stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES)}
-    open_streams = 2
-    while open_streams:
-        name, line = lines.get()
+    open_streams = [2]
+    try:
+        _read(lines, tails, open_streams, log)
+    except BaseException:
+        _stop(proc, lambda deadline: _read(lines, tails, open_streams, log, deadline))
+        raise
+    return tails, proc.wait()
+
+
+def _stop(proc: subprocess.Popen, read_until: Callable[[float], None]) -> None:
+    """Stop a stage whose flow is stopping: SIGTERM to its process group (``torchrun`` passes it to
+    its workers), its output read until every process has closed it (:data:`STOP_DRAIN_S` at most:
+    a process whose reader is gone fails on its next line, and MLflow prints one before it records
+    the training's run KILLED), then SIGKILL to whatever of its process tree is left."""
+    import psutil  # a dependency of DVC's
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (psutil.NoSuchProcess, ProcessLookupError):  # it had ended
+        tree = []
+    read_until(time.monotonic() + STOP_DRAIN_S)
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # psutil checks that the pid is still this process, not a new one
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _read(lines: queue.Queue, tails: dict[str, deque], open_streams: list[int], log: Callable[[str], None],
+          deadline: float | None = None) -> None:
+    """Log the queued lines until both streams have ended (or ``deadline``, a ``time.monotonic()``)."""
+    while open_streams[0]:
+        try:
+            name, line = lines.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return
         if line is None:
-            open_streams -= 1
+            open_streams[0] -= 1
             continue
         log(line)
         if line.strip():
             tails[name].append(line)
-    return tails, proc.wait()

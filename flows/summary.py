@@ -7,7 +7,10 @@ from typing import Any
 
 from flows.stage_runner import RAN
 from ssd.data.layout import EVAL_FILE, REGISTRATION_FILE, TRAIN_METRICS
+from ssd.mlops.links import MlflowLinks
 from ssd.mlops.records import CHAMPION, GATE, METRIC, PROMOTED, RECORD
+
+TITLE = "# TinySSD retraining"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -59,16 +62,57 @@ def _model_line(reg: dict[str, Any], registered_now: bool) -> str:
             + f"; current champion: version {reg.get(RECORD.champion_version)}")
 
 
+def _links_line(links: MlflowLinks) -> str:
+    found = [f"[run `{links.run_id}`]({links.run})"]
+    found += [f"[model version]({links.model_version})"] if links.model_version else []
+    found += [f"[gallery]({links.gallery})"] if links.gallery else []
+    where = f" (served by `{links.serve_command}`)" if links.serve_command else ""
+    return "**MLflow**" + where + ": " + " · ".join(found)
+
+
+def _resumed_line(resumed: list[str]) -> str:
+    return ("**Resumed** training from the checkpoints a stopped run kept (" + ", ".join(f"`{n}`" for n in resumed)
+            + "), in that run's MLflow run")
+
+
+def _outcomes_table(outcomes: dict[str, str]) -> list[str]:
+    return ["| stage | result |", "|---|---|"] + [f"| {s} | {o} |" for s, o in outcomes.items()] + [""]
+
+
+def _params_line(params_changed: list[str]) -> str:
+    return "Params overridden for this run: " + (", ".join(f"`{c}`" for c in params_changed) or "none")
+
+
+def stopped_markdown(how: str, stage: str | None, outcomes: dict[str, str], kept: Path | None,
+                     params_changed: list[str]) -> str:
+    """The artifact of a run that did not finish: ``how`` (``cancelled``, ``failed``), in which
+    ``stage``, the stages done before it, and where its checkpoints are kept (``flows.resume``)."""
+    lines = [TITLE, "", f"**Run {how}**" + (f" in stage `{stage}`" if stage else "") + ": no DVC experiment saved.",
+             ""]
+    if kept:
+        names = ", ".join(f"`{p.name}`" for p in sorted(kept.iterdir())) if kept.is_dir() else ""
+        lines += [f"**Checkpoints kept** at `{kept}` ({names}): the next run with the same params on this commit "
+                  "resumes from them, in this run's MLflow run.", ""]
+    else:
+        lines += ["**No checkpoints kept**: training had not finished an epoch.", ""]
+    return "\n".join(lines + _outcomes_table(outcomes) + [_params_line(params_changed)]) + "\n"
+
+
 def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_changed: list[str],
-                     data: dict[str, Any] | None = None, experiment: dict[str, Any] | None = None) -> str:
+                     data: dict[str, Any] | None = None, experiment: dict[str, Any] | None = None,
+                     resumed: list[str] | None = None, links: MlflowLinks | None = None) -> str:
     """The run's markdown artifact: the DVC experiment it saved (``experiment``, from
     ``flows.workspace.publish``), whether the data was fetched again and why (``data``, from
-    ``ssd.data.source.fetch_reason``), stages, metrics table, model version and champion decision."""
+    ``ssd.data.source.fetch_reason``), the checkpoints it resumed from (``resumed``, from
+    ``flows.resume``), stages, metrics table, model version and champion decision, and the MLflow
+    pages of the run, version and gallery (``links``, from ``ssd.mlops.links``)."""
     reg = results.get("registration") or {}
     registered_now = outcomes.get("register") == RAN
-    lines = ["# TinySSD retraining", ""]
+    lines = [TITLE, ""]
     if experiment:
         lines += [_experiment_line(experiment), ""]
+    if resumed:
+        lines += [_resumed_line(resumed), ""]
     if data:
         fetched = "fetched again" if data.get("fetched") else "not fetched again"
         lines += [f"**Data** {fetched}: {data.get('reason')}", ""]
@@ -76,7 +120,9 @@ def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_c
         lines += [_model_line(reg, registered_now), ""]
         gate = _gate_line(reg.get(RECORD.gate)) if registered_now else None
         lines += [gate, ""] if gate else []
-    lines += ["| stage | result |", "|---|---|"] + [f"| {s} | {o} |" for s, o in outcomes.items()] + [""]
+    if links:
+        lines += [_links_line(links), ""]
+    lines += _outcomes_table(outcomes)
     rows = [(split, key, value) for split in ("train", "eval")
             for key, value in sorted((results.get(split) or {}).items()) if isinstance(value, (int, float))]
     if rows:
@@ -84,5 +130,5 @@ def summary_markdown(results: dict[str, Any], outcomes: dict[str, str], params_c
         files = {"train": TRAIN_METRICS, "eval": EVAL_FILE}
         lines += [f"| {files[split].as_posix()} | {key} | {_fmt(value)} |" for split, key, value in rows]
         lines += [""]
-    lines.append("Params overridden for this run: " + (", ".join(f"`{c}`" for c in params_changed) or "none"))
+    lines.append(_params_line(params_changed))
     return "\n".join(lines) + "\n"

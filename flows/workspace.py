@@ -17,12 +17,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ssd.util.files import LockHeld, exclusive_lock
+from flows.resume import keep_checkpoints
+from ssd.data.layout import CHECKPOINT_DIR
+from ssd.util.files import LockHeld, exclusive_lock, lock_file, waiting_lock
 
 RUNS_DIR = Path(".dvc/tmp/flow-runs")  # under the project; .dvc/tmp is ignored by git and by DVC
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "ssd flow", "GIT_AUTHOR_EMAIL": "ssd-flow@localhost",
@@ -40,12 +41,12 @@ def experiment_name(flow_run_name: str) -> str:
 def run_workspace(project: Path, name: str, log: Callable[[str], None] = print) -> Iterator[Path]:
     """A fresh worktree of ``project`` at its ``HEAD`` for the run ``name``; removed on the way out.
 
-    The run holds ``<name>.lock`` beside it while it lives; a cancelled or killed run cannot remove
-    its worktree, and the next run does (any whose lock nobody holds).
+    The run holds ``<name>.lock`` beside it while it lives; a killed run cannot remove its worktree,
+    and the next run does (any whose lock nobody holds), keeping its checkpoints (``flows.resume``).
     """
-    remove_abandoned(project)
+    remove_abandoned(project, log)
     path = project / RUNS_DIR / name
-    with exclusive_lock(path.with_suffix(".lock")):
+    with exclusive_lock(lock_file(path)):
         if path.exists():
             _remove(project, path)
         _run(["git", "worktree", "add", "--detach", str(path), "HEAD"], project)
@@ -106,17 +107,23 @@ def continue_from_experiment(workspace: Path, log: Callable[[str], None] = print
     return None
 
 
-def remove_abandoned(project: Path) -> list[Path]:
-    """Remove the workspaces of runs that ended without cleaning up (their lock is free); returns them."""
+def remove_abandoned(project: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Remove the workspaces of runs that ended without cleaning up (their lock is free), keeping their
+    checkpoints for the next run with their params (``flows.resume``); returns them. One whose
+    training still runs (an orphan holding the checkpoints' lock) stays."""
     removed = []
     for lock in sorted((project / RUNS_DIR).glob("*.lock")):
+        path = lock.with_suffix("")
         try:
             with exclusive_lock(lock):
-                if lock.with_suffix("").exists():
-                    _remove(project, lock.with_suffix(""))
-                    removed.append(lock.with_suffix(""))
+                if path.exists():
+                    with exclusive_lock(lock_file(path / CHECKPOINT_DIR)):  # the training's own lock
+                        if (path / "params.yaml").is_file():
+                            keep_checkpoints(project, path, log)
+                    _remove(project, path)
+                    removed.append(path)
             lock.unlink(missing_ok=True)
-        except LockHeld:  # a live run's
+        except LockHeld:  # a live run's, or its training's
             continue
     _run(["git", "worktree", "prune"], project, check=False)
     return removed
@@ -151,20 +158,10 @@ def _exp_ref(workspace: Path, name: str) -> str:
     return next(r for r in refs if r.rsplit("/", 1)[-1] == name)
 
 
-@contextmanager
-def _repository_lock(workspace: Path, wait_s: float = 600.0) -> Iterator[None]:
+def _repository_lock(workspace: Path, wait_s: float = 600.0) -> AbstractContextManager[None]:
     """Wait for, then hold, the lock that serialises experiment saves of one repository."""
     common = Path(_run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], workspace).strip())
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            with exclusive_lock(common / "ssd-exp-save.lock"):
-                yield
-            return
-        except LockHeld:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    return waiting_lock(common / "ssd-exp-save.lock", wait_s, poll_s=0.5)
 
 
 def _git_identity(workspace: Path) -> dict[str, str]:

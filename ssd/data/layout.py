@@ -45,4 +45,5 @@ TRAIN_METRICS = REPORTS / "train.json"
 TRAIN_HISTORY = REPORTS / "train_history.csv"
 TRAIN_CURVE = REPORTS / "train_curve.png"
 EVAL_FILE = REPORTS / "eval.json"
+GALLERY_PICTURE = "gallery.png"                        # evaluate: detections on a few images, in pictures/
 REGISTRATION_FILE = REPORTS / "registration.json"      # register: the version, aliases and decision

@@ -12,6 +12,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ssd.data.layout import GALLERY_PICTURE
+
 TRUTH_RGB = (0.0, 0.78, 0.0)
 # Prediction colours by class (tab10 without its green, which is the ground truth's).
 PRED_RGB = [(0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.84, 0.15, 0.16), (0.58, 0.4, 0.74), (0.55, 0.34, 0.29),
@@ -139,7 +141,7 @@ def report_figures(dataset: Any, preds: Sequence[torch.Tensor], confusion: dict[
     shown = gallery_indices(dataset.labels, len(dataset.classes), gallery_images)
     figures = {"pr_curve.png": pr_curve_figure(curve, threshold),
                "confusion.png": confusion_figure(confusion),
-               "gallery.png": gallery_figure(dataset.images[shown], [preds[i] for i in shown], dataset.labels[shown],
+               GALLERY_PICTURE: gallery_figure(dataset.images[shown], [preds[i] for i in shown], dataset.labels[shown],
                                              dataset.classes, threshold, [dataset.names[i] for i in shown])}
     try:
         yield figures

@@ -219,13 +219,13 @@ def _augmentation(setup: Setup, epoch: int) -> Callable | None:
 @contextmanager
 def workspace_lock(checkpoint_dir: Path, info: dist.DistInfo) -> Iterator[None]:
     """One training per checkpoint folder at a time: rank 0 holds the lock, every rank learns the outcome."""
-    from ssd.util.files import LockHeld, exclusive_lock
+    from ssd.util.files import LockHeld, exclusive_lock, lock_file
 
     with ExitStack() as stack:
         refusal = None
         if info.is_main:
             try:
-                stack.enter_context(exclusive_lock(checkpoint_dir.with_name(checkpoint_dir.name + ".lock")))
+                stack.enter_context(exclusive_lock(lock_file(checkpoint_dir)))
             except LockHeld as exc:
                 refusal = f"another training is using {checkpoint_dir}: {exc}"
         refusal = dist.broadcast_object(refusal)

@@ -26,6 +26,8 @@ from ssd.util.errors import TransientError
 from ssd.util.files import atomic_write_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EVALUATION_ARTIFACTS = "evaluation"                   # the evaluate stage's files in the training's run
+EVALUATION_PICTURES = f"{EVALUATION_ARTIFACTS}/pictures"  # its pictures (layout.GALLERY_PICTURE among them)
 # MLflow's own HTTP retries, unless the environment sets them: its defaults (7 retries, backoff
 # factor 2, 120 s timeout) keep a failing server's stage silent for minutes. With these a request
 # that keeps failing gives up after about 3 s (retries after 0 s and 2 s, plus jitter); the flow
@@ -142,6 +144,6 @@ def log_evaluation(run: TrainingRun, metrics: dict[str, Any], paths: dict[str, P
     now = int(time.time() * 1000)
     found.log_batch(run_id, metrics=[Metric(f"val_{k}", float(v), now, 0)
                                      for k, v in metrics.items() if isinstance(v, (int, float))])
-    found.log_artifact(run_id, str(paths["metrics"]), "evaluation")
-    found.log_artifact(run_id, str(paths["pr_curve"]), "evaluation")
-    found.log_artifacts(run_id, str(paths["pictures"]), "evaluation/pictures")
+    found.log_artifact(run_id, str(paths["metrics"]), EVALUATION_ARTIFACTS)
+    found.log_artifact(run_id, str(paths["pr_curve"]), EVALUATION_ARTIFACTS)
+    found.log_artifacts(run_id, str(paths["pictures"]), EVALUATION_PICTURES)

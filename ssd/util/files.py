@@ -150,3 +150,28 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
         finally:
             f.seek(0)
             f.truncate()  # the lock goes with the close; an empty file names no one
+
+
+@contextmanager
+def waiting_lock(path: str | Path, wait_s: float, poll_s: float = 0.2) -> Iterator[None]:
+    """:func:`exclusive_lock`, waiting up to ``wait_s`` seconds for its holder to let go (then LockHeld)."""
+    import time
+    from contextlib import ExitStack
+
+    deadline = time.monotonic() + wait_s
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(exclusive_lock(path))
+                break
+            except LockHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(poll_s)
+        yield
+
+
+def lock_file(folder: str | Path) -> Path:
+    """The lock file that guards ``folder``: ``<folder>.lock`` beside it (its holder may replace the folder)."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".lock")
