@@ -63,7 +63,7 @@ def _model_line(reg: dict[str, Any], registered_now: bool) -> str:
 
 
 def _links_line(links: MlflowLinks) -> str:
-    found = [f"[run `{links.run_id}`]({links.run})"]
+    found = [f"[training runs]({links.experiment})", f"[run `{links.run_id}`]({links.run})"]
     found += [f"[model version]({links.model_version})"] if links.model_version else []
     found += [f"[gallery]({links.gallery})"] if links.gallery else []
     where = f" (served by `{links.serve_command}`)" if links.serve_command else ""

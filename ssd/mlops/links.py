@@ -1,8 +1,10 @@
 """Where a person opens a training's MLflow records: the UI addresses of its run, a registered model
 version and the evaluation's gallery picture.
 
-The routes are the MLflow UI's own: ``<server>/#/experiments/<id>/runs/<run>`` (what MLflow prints
-after a run), ``<server>/#/models/<name>/versions/<v>``, and ``<run page>/artifactPath/<file>`` (the
+The routes are the MLflow UI's own: ``<server>/#/experiments/<id>/runs?workflowType=machine_learning``
+(the experiment's training runs: MLflow 3.17's UI opens any experiment on its GenAI overview unless the
+address names the workflow, whatever the experiment's ``mlflow.experimentKind`` tag says),
+``<server>/#/experiments/<id>/runs/<run>`` (what MLflow prints after a run), ``<server>/#/models/<name>/versions/<v>``, and ``<run page>/artifactPath/<file>`` (the
 run's artifacts with that file shown). With an HTTP(S) tracking server the addresses are the
 server's. A local store (SQLite, a folder) has no server: the addresses are those of ``mlflow ui``
 on its default address, and :attr:`MlflowLinks.serve_command` is the command that serves them.
@@ -17,12 +19,14 @@ from ssd.data.layout import GALLERY_PICTURE
 from ssd.mlops.tracking import EVALUATION_PICTURES, bound_http_retries, ensure_reachable
 
 LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
+TRAINING_WORKFLOW = "workflowType=machine_learning"  # the UI's "Model training" view, not "GenAI"
 GALLERY_ARTIFACT = f"{EVALUATION_PICTURES}/{GALLERY_PICTURE}"  # in the training's run
 
 
 @dataclass(frozen=True)
 class MlflowLinks:
     run_id: str
+    experiment: str            # the experiment's training runs
     run: str                   # the run's page
     model_version: str | None  # the registered version's page (None: none given)
     gallery: str | None        # the gallery picture among the run's artifacts (None: the run has none)
@@ -35,10 +39,11 @@ def ui_links(tracking_uri: str, experiment_id: str, run_id: str, model_name: str
     ``version`` at ``tracking_uri``; ``gallery``: whether the run holds the evaluation's gallery."""
     served = tracking_uri.startswith(("http://", "https://"))
     base = tracking_uri.rstrip("/") if served else LOCAL_UI
-    run = f"{base}/#/experiments/{quote(str(experiment_id), safe='')}/runs/{quote(run_id, safe='')}"
+    runs = f"{base}/#/experiments/{quote(str(experiment_id), safe='')}/runs"
+    run = f"{runs}/{quote(run_id, safe='')}"
     model = (f"{base}/#/models/{quote(model_name, safe='')}/versions/{quote(str(version), safe='')}"
              if model_name and version is not None else None)
-    return MlflowLinks(run_id=run_id, run=run, model_version=model,
+    return MlflowLinks(run_id=run_id, experiment=f"{runs}?{TRAINING_WORKFLOW}", run=run, model_version=model,
                        gallery=f"{run}/artifactPath/{GALLERY_ARTIFACT}" if gallery else None,
                        serve_command=None if served else f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}")
 

@@ -13,6 +13,7 @@ def test_a_servers_links_are_its_own_pages():
     links = ui_links("http://mlflow.example:5000/", "7", "abc123", "tinyssd", 3)
     run = "http://mlflow.example:5000/#/experiments/7/runs/abc123"
     assert links.run == run and links.serve_command is None
+    assert links.experiment == "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
     assert links.model_version == "http://mlflow.example:5000/#/models/tinyssd/versions/3"
     assert links.gallery == f"{run}/artifactPath/evaluation/pictures/gallery.png"
     assert ui_links("https://m", "1", "r", gallery=False).gallery is None
