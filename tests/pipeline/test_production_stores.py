@@ -81,7 +81,8 @@ def test_train_evaluate_register_predict_through_mlflow_on_postgres_and_s3(
     keys = s3_store.keys(MLFLOW_BUCKET, f"{MLFLOW_ARTIFACTS}/")
     experiment = f"{MLFLOW_ARTIFACTS}/{run.info.experiment_id}"
     run_files = {key.removeprefix(f"{experiment}/{run.info.run_id}/artifacts/") for key in keys}
-    assert {"train_curve.png", "evaluation/eval.json", "evaluation/pictures/gallery.png"} <= run_files, keys
+    assert {"train_curve.png", "evaluation/eval.json", "evaluation/pictures/gallery.png",
+            f"onnx/{name}/{record['version']}/model.onnx"} <= run_files, keys  # the version's ONNX file too
     (model,) = [key.removesuffix("/MLmodel") for key in keys
                 if key.startswith(f"{experiment}/models/") and key.endswith("/MLmodel")]
     assert model.split("/")[3] in champion.source, (model, champion.source)  # .../models/<model id>/artifacts
