@@ -24,7 +24,9 @@ EXIT_OK, EXIT_FAILED, EXIT_TEMPFAIL = 0, 1, 75
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd-onnx", description="Detect with a TinySSD ONNX file on onnxruntime")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    predict = sub.add_parser("predict", help="detect objects in images", description=__doc__.splitlines()[0])
+    predict = sub.add_parser("predict", help="detect objects in images",
+                             description="Detect objects in images with a TinySSD ONNX file (onnxruntime, no torch); "
+                                         "prints ssd predict's JSON")
     predict.add_argument("model", metavar="MODEL", help="an .onnx file, models:/<name>@<alias> or models:/<name>/<version>")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of them")
     predict.add_argument("--threshold", type=float, default=None,

@@ -8,8 +8,9 @@ default threshold, its pixel limit in the metadata): ``ssd export --model models
 writes the same. Before it is logged, onnxruntime's detections are compared with PyTorch's on
 :data:`CHECK_IMAGES` images: the first of the version's validation split (sorted by name), then
 generated ones (``ssd.engine.onnx_export.sample_images``) if the split has fewer. Every row that NMS
-keeps counts (score threshold 0: more rows than any display threshold shows), with the same count,
-classes and order, and scores and box fractions within ``ssd.engine.onnx_export.ATOL``.
+keeps counts (score threshold 0: more rows than any display threshold shows): the same count, and
+each PyTorch row matched by one of its class with score and box fractions within
+``ssd.engine.onnx_export.ATOL`` (``unmatched_rows``: rows whose scores tie come in either order).
 
 Where it goes: ``onnx/<name>/<version>/model.onnx`` in the artifacts of the version's run (the run
 it was registered from; a file per version, as one run may register two), and the version's tag
