@@ -172,12 +172,13 @@ def _stopped(project: Path, workspace: Path, exc: BaseException, outcomes: dict[
     """A run that will not finish (cancelled, failed): keep its checkpoints for the next run with its
     params and say so in the run's artifact. Nothing here may hide ``exc``: errors are logged."""
     logger = get_run_logger()
-    # A Prefect Cancel is a SIGTERM to the run's process group (ExternalSignal here), Ctrl-C a KeyboardInterrupt.
+    # A Prefect Cancel is a SIGTERM to the run's process (ExternalSignal here), Ctrl-C a KeyboardInterrupt;
+    # the running stage has been stopped on the way here (flows.stage_runner).
     how = "cancelled" if isinstance(exc, (ExternalSignal, KeyboardInterrupt)) else "failed"
     kept = None
     try:
         kept = keep_checkpoints(project, workspace, logger.info)
-    except Exception as error:  # the training still holds them, a full disk: they go with the workspace
+    except Exception as error:  # a full disk, another run holding the kept folders for a minute
         logger.warning("checkpoints not kept: %s", error)
     try:
         stage = next((s for s in STAGES if s not in outcomes), None)

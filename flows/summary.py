@@ -94,7 +94,8 @@ def stopped_markdown(how: str, stage: str | None, outcomes: dict[str, str], kept
         lines += [f"**Checkpoints kept** at `{kept}` ({names}): the next run with the same params on this commit "
                   "resumes from them, in this run's MLflow run.", ""]
     else:
-        lines += ["**No checkpoints kept**: training had not finished an epoch.", ""]
+        lines += ["**No checkpoints kept**: training had written none (or keeping them failed: see the run's log).",
+                  ""]
     return "\n".join(lines + _outcomes_table(outcomes) + [_params_line(params_changed)]) + "\n"
 
 
