@@ -224,7 +224,7 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 20000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 20000])
     parser.add_argument("--loaders", nargs="+", default=["memory", "stream"])
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--eval-images", type=int, nargs="*", default=[1000])
