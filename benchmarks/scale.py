@@ -1,7 +1,8 @@
 """Scale: training, validation and memory as the dataset grows, for each ``data.loader`` path.
 
     python -m benchmarks.scale [--sizes 1000 20000] [--loaders memory stream] [--nproc 1 2]
-                               [--steps 10] [--image-size 256] [--out reports/scale.json]
+                               [--eval-images 1000] [--steps 10] [--image-size 256]
+                               [--memory-limit-gib G] [--out reports/scale.json]
 
 Builds one small synthetic banana set (``ssd.data.synthetic``), then sets of each ``--sizes`` train
 images as hard links of its images (labels repeated: decoding costs what it would for distinct
@@ -14,7 +15,17 @@ step (``ssd.engine.step.train_step``) in fresh processes (``torchrun`` for more 
 * ``rss_mib``: the peak resident memory (``VmHWM``) of each training process, and of its largest
   DataLoader worker;
 * ``examples_per_s``: training examples per second over ``--steps`` steps after the first (all ranks);
-* ``validate_images_per_s``: ``ssd validate``'s checks (``ssd.data.checks.validate``) over the set.
+* ``validate_images_per_s``: ``ssd validate``'s checks (``ssd.data.checks.validate``) over the set;
+* for each ``--eval-images``, a validation split of that many linked images scored as ``ssd evaluate``
+  scores it (``ssd.engine.evaluation.score``, streamed) by an untrained model in a fresh process (up to
+  100 detections per image: the metrics' worst case): images/s of the model's pass (decoding
+  included), the whole scoring's seconds (metrics included) and its peak ``VmHWM``.
+
+A ``memory`` row whose decoded splits (``images x 3 x S x S`` bytes per process) would not fit in
+``--memory-limit-gib`` beside :data:`STEP_GIB` per process (default: three quarters of the memory
+available as the row starts) is not run, so the benchmark never takes the machine down: it is
+projected (``projected``) from the stream row at its size plus the per-image memory and first-step
+time the two loaders differed by at the largest size measured with both.
 
 Every figure is measured on this machine; ``cpu`` names it.
 """
@@ -34,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 BASE_TRAIN, BASE_VAL = 200, 50  # distinct generated images; larger sets link to these
+STEP_GIB = 2  # a training process's own peak beside its data (2-process rows, docs/performance.md)
 
 
 def vm_hwm_mib(pid: int | str = "self") -> float:
@@ -52,13 +64,10 @@ def build_base(folder: Path, image_size: int) -> Path:
     return next((folder / "base").rglob("bananas_train")).parent
 
 
-def build_set(base: Path, folder: Path, images: int) -> Path:
-    """A dataset root whose train split has ``images`` images, hard links of ``base``'s."""
+def link_split(src: Path, dst: Path, images: int) -> None:
+    """A split of ``images`` images at ``dst``: hard links of ``src``'s, their label rows repeated."""
     from ssd.data.layout import IMAGES_DIR, LABEL_FILE
 
-    root = folder / f"set{images}" / base.name
-    shutil.copytree(base / "bananas_val", root / "bananas_val")
-    src, dst = base / "bananas_train", root / "bananas_train"
     (dst / IMAGES_DIR).mkdir(parents=True)
     header, *rows = (src / LABEL_FILE).read_text().splitlines()
     by_name: dict[str, list[str]] = {}
@@ -71,6 +80,13 @@ def build_set(base: Path, folder: Path, images: int) -> Path:
         os.link(src / IMAGES_DIR / name, dst / IMAGES_DIR / new)
         out += [f"{new},{rest}" for rest in by_name[name]]
     (dst / LABEL_FILE).write_text("\n".join(out) + "\n")
+
+
+def build_set(base: Path, folder: Path, images: int) -> Path:
+    """A dataset root whose train split has ``images`` images, hard links of ``base``'s."""
+    root = folder / f"set{images}" / base.name
+    shutil.copytree(base / "bananas_val", root / "bananas_val")
+    link_split(base / "bananas_train", root / "bananas_train", images)
     return root
 
 
@@ -140,6 +156,66 @@ def validate_rate(data: Path, image_size: int) -> dict[str, Any]:
             "processes": check_workers()}
 
 
+def eval_child(args: argparse.Namespace) -> None:
+    """One ``ssd evaluate`` scoring: an untrained model over ``--data``'s validation split."""
+    import torch
+
+    from ssd.core.model import TinySSD
+    from ssd.engine.evaluation import load_validation, score
+    from ssd.util.params import load_settings
+
+    settings = load_settings(overrides=[f"data.image_size={args.image_size}"])
+    torch.manual_seed(0)
+    net = TinySSD(len(settings.data.classes), classes=settings.data.classes, image_size=args.image_size)
+    started = time.perf_counter()
+    scores = score(net, load_validation(settings.data, args.data), settings.evaluate)
+    result = {"eval_images": len(scores.preds), "images_per_s": round(scores.images_per_s, 1),
+              "loop_s": round(scores.seconds, 1), "score_s": round(time.perf_counter() - started, 1),
+              "rss_mib": round(vm_hwm_mib()), "workers": scores.workers,
+              "detections": sum(len(p) for p in scores.preds)}
+    Path(args.result).write_text(json.dumps(result))
+
+
+def evaluate_rate(base: Path, tmp: Path, images: int, image_size: int) -> dict[str, Any]:
+    root = tmp / f"eval{images}" / base.name
+    link_split(base / "bananas_val", root / "bananas_val", images)
+    result = tmp / f"eval{images}.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.scale", "--child-eval", "--data", str(root),
+                    "--image-size", str(image_size), "--result", str(result)],
+                   check=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    shutil.rmtree(root.parent)
+    return json.loads(result.read_text())
+
+
+def available_gib() -> float:
+    text = Path("/proc/meminfo").read_text()
+    return int(re.search(r"MemAvailable:\s*(\d+)", text).group(1)) / 2**20
+
+
+def fits(images: int, nproc: int, image_size: int, limit_gib: float) -> bool:
+    """Whether ``nproc`` processes, each with a decoded split and a step's own peak, fit in ``limit_gib``."""
+    return (images * 3 * image_size ** 2 + STEP_GIB * 2**30) * nproc <= limit_gib * 2**30
+
+
+def project(rows: list[dict[str, Any]], size: int, nproc: int) -> dict[str, Any]:
+    """A ``memory`` row not run: the ``stream`` row at ``size`` plus the per-image memory and
+    first-step time the two loaders differed by at the largest size both were measured at."""
+    runs = {(r["images"], r["loader"], r["nproc"]): r for r in rows if "loader" in r and not r.get("projected")}
+    both = [n for (n, loader, k) in runs if loader == "memory" and k == nproc and (n, "stream", k) in runs]
+    stream = runs.get((size, "stream", nproc))
+    row = {"images": size, "loader": "memory", "nproc": nproc, "projected": True}
+    if not both or stream is None:
+        return {**row, "note": "not run (would not fit), and nothing measured to project from"}
+    n = max(both)
+    memory, streamed = runs[(n, "memory", nproc)], runs[(n, "stream", nproc)]
+    per_image_mib = (memory["rss_mib_per_process"] - streamed["rss_mib_per_process"]) / n
+    per_image_s = (memory["first_step_s"] - streamed["first_step_s"]) / n
+    return {**row, "projected_from": n, "per_image_kib": round(per_image_mib * 1024, 1),
+            "per_image_ms": round(per_image_s * 1000, 2),
+            "rss_mib_per_process": round(streamed["rss_mib_per_process"] + per_image_mib * size),
+            "first_step_s": round(stream["first_step_s"] + per_image_s * size)}
+
+
 def cpu_name() -> str:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     found = re.search(r"model name\s*:\s*(.+)", text)
@@ -148,30 +224,42 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 20000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 20000])
     parser.add_argument("--loaders", nargs="+", default=["memory", "stream"])
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--eval-images", type=int, nargs="*", default=[1000])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--memory-limit-gib", type=float, default=None)
     parser.add_argument("--out", default="reports/scale.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-eval", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--data", "--loader", "--result", "--launched"):
         parser.add_argument(hidden, help=argparse.SUPPRESS, type=float if hidden == "--launched" else str)
     args = parser.parse_args(argv)
-    if args.child:
-        child(args)
+    if args.child or args.child_eval:
+        (child if args.child else eval_child)(args)
         return 0
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         base = build_base(tmp, args.image_size)
+        for images in args.eval_images:
+            rows.append({"evaluate": evaluate_rate(base, tmp, images, args.image_size)})
+            print(json.dumps(rows[-1]), flush=True)
         for size in args.sizes:
             data, args.size_now = build_set(base, tmp, size), size
             rows.append({"images": size, "validate": validate_rate(data, args.image_size)})
             print(json.dumps(rows[-1]), flush=True)
-            for loader in args.loaders:
+            # Streamed first: a memory row that is not run is projected from the stream row at its size.
+            for loader in sorted(args.loaders, key=lambda kind: kind != "stream"):
                 for nproc in args.nproc:
-                    rows.append(run_training(data, loader, nproc, args, tmp))
+                    # The limit as the row starts: other jobs on the machine come and go.
+                    limit = args.memory_limit_gib or available_gib() * 3 / 4
+                    if loader == "memory" and not fits(size, nproc, args.image_size, limit):
+                        rows.append({**project(rows, size, nproc), "memory_limit_gib": round(limit, 1)})
+                    else:
+                        rows.append(run_training(data, loader, nproc, args, tmp))
                     print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(data.parent)
     report = {"cpu": cpu_name(), "image_size": args.image_size, "steps": args.steps, "rows": rows}

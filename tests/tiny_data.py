@@ -39,6 +39,22 @@ def write_dataset(root: Path, train: int = 16, val: int = 8, size: int = 64, see
     return data
 
 
+def grow(data: Path, factor: int, split: str = SPLIT_DIRS["train"]) -> None:
+    """``factor`` times a split of ``data`` (the train split by default), as hard links of its images."""
+    import os
+
+    split = data / split
+    lines = (split / LABEL_FILE).read_text().splitlines()
+    out = [lines[0]]
+    for k in range(factor):
+        for line in lines[1:]:
+            name, rest = line.split(",", 1)
+            if k:
+                os.link(split / IMAGES_DIR / name, split / IMAGES_DIR / f"{k}_{name}")
+            out.append(f"{k}_{name},{rest}" if k else line)
+    (split / LABEL_FILE).write_text("\n".join(out) + "\n")
+
+
 def make_project(root: Path, *, images: int = 8, size: int = 64, **train: object) -> Path:
     """A project folder for ``ssd train`` run from it: ``params.yaml`` (the repository's, shrunk
     for tests; ``train`` entries override) and a tiny dataset in ``data/raw``."""

@@ -224,9 +224,7 @@ class _Numbered(Dataset):
 
 def _decode(stream: StreamDataset, workers: int | None):
     """``(i, image, labels)`` for every item, in order; decoded by worker processes for large splits."""
-    workers = decode_workers() if workers is None else workers
-    if len(stream) < PARALLEL_DECODE_MIN_IMAGES:
-        workers = 0
+    workers = pass_workers(len(stream), workers)
     # Its own generator: decoding must not draw from torch's global RNG (the model's weights do next).
     loader = DataLoader(_Numbered(stream), batch_size=32, num_workers=workers, collate_fn=_one,
                         generator=torch.Generator())
@@ -243,6 +241,14 @@ def decode_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, per_process - 1))
+
+
+def pass_workers(images: int, workers: int | None = None) -> int:
+    """Decode workers for one pass over ``images`` in order (loading a split, scoring one):
+    ``workers`` (None: :func:`decode_workers`), none below :data:`PARALLEL_DECODE_MIN_IMAGES`."""
+    if images < PARALLEL_DECODE_MIN_IMAGES:
+        return 0
+    return decode_workers() if workers is None else workers
 
 
 def resolve_loader(loader: str, images: int, image_size: int) -> str:

@@ -41,10 +41,14 @@ def pr_curve_figure(curve: Sequence[dict[str, float]], threshold: float) -> Any:
     return fig
 
 
-def gallery_indices(labels: torch.Tensor, num_classes: int, n: int) -> list[int]:
+def gallery_indices(labels: Sequence[torch.Tensor], num_classes: int, n: int) -> list[int]:
     """Up to ``n`` image indices, taken from each class in turn (its images in dataset order), so
-    every class with a validation box appears; the rest in order. ``labels Tensor[N, M, 5]``."""
-    present = [torch.nonzero((labels[..., 0] == c).any(dim=1)).reshape(-1).tolist() for c in range(num_classes)]
+    every class with a validation box appears; the rest in order. ``labels``: each image's rows
+    ``Tensor[k, 5]`` (only the class column is read; class < 0 is padding), or ``Tensor[N, M, 5]``."""
+    counts = torch.tensor([len(rows) for rows in labels], dtype=torch.int64)
+    image = torch.repeat_interleave(torch.arange(len(labels)), counts)
+    classes = torch.cat([rows[:, 0] for rows in labels]) if len(labels) else torch.empty(0)
+    present = [image[classes == c].unique().tolist() for c in range(num_classes)]  # sorted
     chosen: list[int] = []
     while len(chosen) < min(n, len(labels)) and any(present):
         for images in present:
@@ -52,7 +56,8 @@ def gallery_indices(labels: torch.Tensor, num_classes: int, n: int) -> list[int]
                 images.pop(0)
             if images and len(chosen) < n:
                 chosen.append(images.pop(0))
-    rest = [i for i in range(len(labels)) if i not in chosen]
+    taken = set(chosen)
+    rest = [i for i in range(min(len(labels), n + len(chosen))) if i not in taken]
     return chosen + rest[:max(0, n - len(chosen))]
 
 
@@ -88,12 +93,12 @@ def _draw_cell(ax: Any, image: torch.Tensor, pred: torch.Tensor, label: torch.Te
     ax.set_ylim(size, 0)
 
 
-def gallery_figure(images: torch.Tensor, preds: Sequence[torch.Tensor], labels: torch.Tensor,
+def gallery_figure(images: torch.Tensor, preds: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
                    classes: Sequence[str], threshold: float, names: Sequence[str] = ()) -> Any:
     """A grid (4 wide, 300 px a cell) of images ``uint8 Tensor[N, 3, S, S]`` with their ground truth
-    (``labels Tensor[N, M, 5]``, green, class names) and top detections (``preds``: ``Tensor[K, 6]``
-    normalised, as :func:`ssd.engine.evaluation.run_model` gives; coloured by class with name and
-    score, dashed and faint under ``threshold``)."""
+    (``labels``: each image's rows ``Tensor[k, 5]``, normalised; green, class names) and top detections
+    (``preds``: ``Tensor[K, 6]`` normalised, as :func:`ssd.engine.evaluation.run_model` gives; coloured
+    by class with name and score, dashed and faint under ``threshold``)."""
     n = len(images)
     cols = min(4, max(n, 1))
     rows = max(1, math.ceil(n / cols))
@@ -129,19 +134,23 @@ def confusion_figure(summary: dict[str, Any]) -> Any:
 
 
 @contextmanager
-def report_figures(dataset: Any, preds: Sequence[torch.Tensor], confusion: dict[str, Any],
-                   curve: Sequence[dict[str, float]], threshold: float,
+def report_figures(dataset: Any, preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                   confusion: dict[str, Any], curve: Sequence[dict[str, float]], threshold: float,
                    gallery_images: int) -> Iterator[dict[str, Any]]:
     """The evaluate stage's pictures, by file name, closed on exit.
 
-    ``dataset``: the validation split (``DetectionDataset``); ``preds``: its detections per image,
-    normalised; ``confusion``: :func:`ssd.engine.metrics.confusion_summary`'s; ``curve``:
-    :func:`ssd.engine.metrics.precision_recall`'s; ``gallery_images``: how many images the gallery shows.
+    ``dataset``: the validation split (either dataset of ``ssd.data.dataset``: only the gallery's
+    images are read from it); ``preds``: its detections per image, normalised; ``targets``: each
+    image's label rows (any scale: only classes are read); ``confusion``:
+    :func:`ssd.engine.metrics.confusion_summary`'s; ``curve``: :func:`ssd.engine.metrics.precision_recall`'s;
+    ``gallery_images``: how many images the gallery shows.
     """
-    shown = gallery_indices(dataset.labels, len(dataset.classes), gallery_images)
+    shown = gallery_indices(targets, len(dataset.classes), gallery_images)
+    items = [dataset[i] for i in shown]
+    images = torch.stack([image for image, _ in items]) if items else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
     figures = {"pr_curve.png": pr_curve_figure(curve, threshold),
                "confusion.png": confusion_figure(confusion),
-               GALLERY_PICTURE: gallery_figure(dataset.images[shown], [preds[i] for i in shown], dataset.labels[shown],
+               GALLERY_PICTURE: gallery_figure(images, [preds[i] for i in shown], [rows for _, rows in items],
                                              dataset.classes, threshold, [dataset.names[i] for i in shown])}
     try:
         yield figures

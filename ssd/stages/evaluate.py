@@ -5,7 +5,8 @@ Scoring and reports: ``ssd.engine.evaluation`` (the metrics: ``ssd.engine.metric
 training run's, ``ssd.mlops.provenance``, computed now only for a model without a run) and logged
 into the training's MLflow run (``models/mlflow_run.json``) as ``val_*`` metrics and ``evaluation/``
 artifacts. Without that run the reports are still written and MLflow logging is skipped with a
-warning, so the stage can be run on a model that came from elsewhere.
+warning, so the stage can be run on a model that came from elsewhere. The split is streamed (images
+decoded batch by batch, ``ssd.engine.evaluation.score``); its rate, in images/s, goes to stderr.
 
 The model file's own settings (the image size it was trained at, its classes) are the ones scored
 with: an explicit param that contradicts them is refused, ``params.yaml``'s value is replaced with a
@@ -68,10 +69,12 @@ def evaluate(settings: Settings, model_path: str | Path = MODEL_FILE, data_root:
     net = _checked_model(read_model(model_path), settings, model_path)
     dataset = load_validation(settings.data, data_root)
     scores = score(net, dataset, cfg)
+    print(f"evaluate: {len(dataset)} images in {scores.seconds:.1f} s ({scores.images_per_s:.0f} images/s, "
+          f"{scores.workers} decode worker(s))", file=sys.stderr)
     metrics = scores.metrics
     curve = precision_recall(scores.pixel_preds, scores.pixel_targets, CURVE_THRESHOLDS)
-    with report_figures(dataset, scores.preds, metrics["confusion"], curve, float(cfg.threshold),
-                        cfg.gallery_images) as figures:
+    with report_figures(dataset, scores.preds, scores.pixel_targets, metrics["confusion"], curve,
+                        float(cfg.threshold), cfg.gallery_images) as figures:
         paths = write_reports(Path(reports), {**metrics, "provenance": origin}, curve, figures)
     if run:
         log_evaluation(run, {**metrics, **flat_per_class(metrics["per_class"])}, paths)

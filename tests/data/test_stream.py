@@ -15,7 +15,7 @@ from ssd.data import dataset as ds
 from ssd.data.dataset import (DetectionDataset, StreamDataset, index_split, make_loader, open_split,
                               resolve_loader)
 from ssd.data.layout import IMAGES_DIR, LABEL_FILE
-from tiny_data import write_dataset
+from tiny_data import grow, write_dataset
 
 S = 32
 
@@ -132,20 +132,6 @@ def peak_rss_kib(data: Path, loader: str, workers: int) -> int:
     out = subprocess.run([sys.executable, "-c", FIRST_STEP, str(data), loader, str(workers)], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def grow(data: Path, factor: int) -> None:
-    """``factor`` times the train split, as hard links of its images."""
-    split = data / "bananas_train"
-    lines = (split / LABEL_FILE).read_text().splitlines()
-    out = [lines[0]]
-    for k in range(factor):
-        for line in lines[1:]:
-            name, rest = line.split(",", 1)
-            if k:
-                os.link(split / IMAGES_DIR / name, split / IMAGES_DIR / f"{k}_{name}")
-            out.append(f"{k}_{name},{rest}" if k else line)
-    (split / LABEL_FILE).write_text("\n".join(out) + "\n")
 
 
 @pytest.mark.slow  # three interpreters importing torch: ~25 s on 2 cores

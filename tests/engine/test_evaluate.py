@@ -141,6 +141,11 @@ class TestGalleryChoice:
         assert gallery_indices(labels, 3, 5) == [0, 4, 5, 1, 2]
         assert gallery_indices(labels, 3, 10) == [0, 4, 5, 1, 2, 3]
         assert gallery_indices(labels, 3, 0) == []
+        # Each image's rows without padding, as scoring keeps them (image 3 here has none): the same choice.
+        rows = [image[image[:, 0] >= 0] for image in labels]
+        rows[3] = rows[3][:0]
+        assert gallery_indices(rows, 3, 5) == [0, 4, 5, 1, 2]
+        assert gallery_indices(rows, 3, 10) == [0, 4, 5, 1, 2, 3]
 
 
 def test_per_class_nms_keeps_overlapping_boxes_of_other_classes():
@@ -284,7 +289,8 @@ def test_evaluate_on_a_generated_two_class_dataset(tmp_path):
     assert metrics["per_class"] == saved["per_class"]
     # The gallery's two images hold both classes, though the first two images of the split may not.
     dataset = load_validation(settings.data, data)
-    shown = dataset.labels[gallery_indices(dataset.labels, 2, 2)]
-    assert {0.0, 1.0} <= set(shown[..., 0].reshape(-1).tolist())
+    labels = [dataset[i][1] for i in range(len(dataset))]
+    shown = torch.cat([labels[i] for i in gallery_indices(labels, 2, 2)])
+    assert {0.0, 1.0} <= set(shown[:, 0].tolist())
     assert {p.name for p in (tmp_path / "reports" / "pictures").iterdir()} == {"pr_curve.png", "gallery.png",
                                                                                "confusion.png"}
