@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssd.core.anchors import multibox_prior
+from ssd.core.fusion import TopDown
 
 SEED_SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
 SEED_RATIOS = [1.0, 2.0, 0.5]
@@ -93,23 +93,6 @@ def get_blk(i: int, width: float = 1.0) -> nn.Module:
     if i == 4:
         return GlobalMaxPool()
     return down_sample_blk(*channels(width)[i - 1:i + 1])
-
-
-class TopDown(nn.Module):
-    """Light top-down fusion (as in feature pyramid networks, without their extra 3x3 convs): from
-    the coarsest scale down, each map gets the fused map above it through a 1x1 conv, upsampled
-    (nearest) to its size and added. Shapes in and out: the five ``Tensor[B, C_i, H_i, W_i]``."""
-
-    def __init__(self, chans: list[int]) -> None:
-        super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(chans[i + 1], chans[i], kernel_size=1) for i in range(len(chans) - 1))
-
-    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = list(maps)
-        for i in range(len(maps) - 2, -1, -1):
-            above = F.interpolate(self.lateral[i](out[i + 1]), size=maps[i].shape[-2:], mode="nearest")
-            out[i] = maps[i] + above
-        return out
 
 
 def feature_map_sizes(height: int, width: int) -> list[tuple[int, int]]:
@@ -194,13 +177,20 @@ class TinySSD(nn.Module):
         return self._make_anchors(sizes, feature_maps[0].device)
 
     def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feature_maps = []
+        # Without fusion each head runs right after its block, the book's order: backward then adds up
+        # each map's gradients in the book's order, so training is bit for bit the book's.
+        feature_maps: list[torch.Tensor] = []
+        cls_preds, bbox_preds = [], []
         for i in range(5):
             X = getattr(self, f"blk_{i}")(X)
             feature_maps.append(X)
-        heads = self.top_down(feature_maps) if self.config.fusion else feature_maps
-        cls_preds = [getattr(self, f"cls_{i}")(f) for i, f in enumerate(heads)]
-        bbox_preds = [getattr(self, f"bbox_{i}")(f) for i, f in enumerate(heads)]
+            if not self.config.fusion:
+                cls_preds.append(getattr(self, f"cls_{i}")(X))
+                bbox_preds.append(getattr(self, f"bbox_{i}")(X))
+        if self.config.fusion:
+            for i, fused in enumerate(self.top_down(feature_maps)):
+                cls_preds.append(getattr(self, f"cls_{i}")(fused))
+                bbox_preds.append(getattr(self, f"bbox_{i}")(fused))
         cls = concat_preds(cls_preds)
         return (self._anchors(feature_maps),
                 cls.reshape(cls.shape[0], -1, self.num_classes + 1),

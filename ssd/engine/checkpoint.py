@@ -29,7 +29,7 @@ KEEP_CHECKPOINTS = 2
 CODE_MODULES = ("ssd.engine.loop", "ssd.engine.setup", "ssd.engine.step", "ssd.engine.precision",
                 "ssd.engine.checkpoint", "ssd.core.model", "ssd.core.anchors", "ssd.core.boxes", "ssd.core.loss",
                 "ssd.data.dataset", "ssd.data.images", "ssd.data.labels", "ssd.core.augment", "ssd.core.schedule",
-                "ssd.core.anchor_fit", "ssd.core.recipe", "ssd.engine.ema")
+                "ssd.core.anchor_fit", "ssd.core.fusion", "ssd.core.recipe", "ssd.engine.ema")
 
 
 def resume_key(params: dict[str, Any]) -> dict[str, Any]:
