@@ -89,3 +89,12 @@ def test_predict_detects_with_the_model_settings(photos_model, capsys):
     assert "evaluate.nms='per_class' from the model" in captured.err  # params.yaml says agnostic: noted
     scores = [d["score"] for d in record["detections"]]
     assert scores and min(scores) >= 0.4 > max(scores) - 0.5  # the recipe's display threshold, not params' 0.9
+
+
+@pytest.mark.slow
+def test_export_writes_the_fused_net_with_its_nms_and_onnx_gives_its_detections(photos_model, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    rc = cli_main(["export", "--model", str(photos_model / "photos.pt"), "--out", str(tmp_path / "m.onnx")])
+    assert rc == 0  # the stage compares the graph's detections with PyTorch's before it writes the file
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["ssd.nms"] == "per_class" and meta["ssd.image_size"] == "64" and (tmp_path / "m.onnx").is_file()
