@@ -144,8 +144,38 @@ def run_name(system: str, image_size: int, seed: int) -> str:
 
 def run_settings(system: str, root: Path, classes: Sequence[str], image_size: int, epochs: int,
                  seed: int) -> dict[str, Any]:
+    """What a result was measured with: a stored result counts only if all of it is the same."""
     return {"system": system, "data": str(root.resolve()), "classes": list(classes), "image_size": image_size,
-            "epochs": epochs, "seed": seed}
+            "epochs": epochs, "seed": seed, "code": code_fingerprint(system)}
+
+
+def code_fingerprint(system: str) -> str:
+    """SHA-1 of the code a run of ``system`` depends on: the scoring (this module's ``ground_truth`` and
+    ``score``, ``ssd.engine.metrics``' COCO mAP), and the project (``ssd/``, ``params.yaml``, this
+    module's training) or the peer (``benchmarks.peer_yolo`` and the ultralytics version)."""
+    import hashlib
+    import inspect
+
+    from ssd.engine import metrics
+
+    digest = hashlib.sha1()
+    for fn in (ground_truth, score, metrics.coco_map, metrics.per_class_ap):
+        digest.update(inspect.getsource(fn).encode())
+    if system in RECIPES:
+        digest.update(inspect.getsource(train_project).encode())
+        for path in sorted((PROJECT / "ssd").rglob("*.py")) + [PROJECT / "params.yaml"]:
+            digest.update(path.relative_to(PROJECT).as_posix().encode() + path.read_bytes())
+    else:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from benchmarks import peer_yolo
+
+        digest.update(Path(peer_yolo.__file__).read_bytes())
+        try:
+            digest.update(version("ultralytics").encode())
+        except PackageNotFoundError:
+            pass
+    return digest.hexdigest()
 
 
 def cached(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
