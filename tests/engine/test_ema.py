@@ -55,3 +55,28 @@ def test_state_round_trip_resumes_the_same_average():
 def test_bad_settings_are_refused(decay, ramp):
     with pytest.raises(ValueError, match="EMA decay"):
         WeightAverage(net(), decay, ramp)
+
+
+@pytest.mark.slow
+def test_a_photos_run_killed_in_epoch_2_ends_with_the_average_of_an_uninterrupted_one(tmp_path, mlflow_server):
+    """``train.recipe: photos`` in a real training: the checkpoint holds the weight average, so a run
+    killed in epoch 2 and rerun saves the same averaged weights as one that was never stopped."""
+    import subprocess
+    import sys
+
+    from tiny_data import FAULTS, make_project, train_env
+
+    runs = {}
+    for name, fault in (("whole", None), ("crashed", "kill@2:1")):
+        project = make_project(tmp_path / name, recipe="photos")
+        if fault:
+            killed = subprocess.run([sys.executable, FAULTS], cwd=project, capture_output=True, timeout=300,
+                                    env=train_env(mlflow_server, SSD_TEST_FAULT=fault))
+            assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+        done = subprocess.run([sys.executable, "-m", "ssd", "train"], cwd=project, env=train_env(mlflow_server),
+                              capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert ("resuming from" in done.stderr.decode()) == bool(fault)
+        runs[name] = torch.load(project / "models/model.pt", map_location="cpu", weights_only=True)
+    assert runs["whole"]["config"]["fusion"] and runs["whole"]["params"]["train"]["recipe"] == "photos"
+    assert all(torch.equal(runs["whole"]["model"][k], runs["crashed"]["model"][k]) for k in runs["whole"]["model"])
