@@ -206,7 +206,9 @@ def finish(setup: Setup, progress: Progress, paths: TrainPaths, log: RunLog,
     if not setup.info.is_main:
         return final
     # The model first: a failure (a full disk) leaves no report describing a model that is not there.
-    save_model(setup.ema.module if setup.ema is not None else setup.model, paths.model_out, params=setup.params, history=history, mlflow_run_id=log.run_id)
+    # The recipe's weight average, when it keeps one, is the model.
+    net = setup.ema.module if setup.ema is not None else setup.model
+    save_model(net, paths.model_out, params=setup.params, history=history, mlflow_run_id=log.run_id)
     log.write_run_file(paths.run_file)
     atomic_write_text(paths.history_out, history_csv(history))
     atomic_save_figure(curve_figure(history, epochs), paths.curve_out, dpi=100)

@@ -49,9 +49,15 @@ class Setup:
     @property
     def schedule(self) -> tuple[str, float]:
         """The lr schedule and warm-up epochs the recipe trains with."""
-        if self.photos:
-            return "cosine", PHOTOS_RECIPE.warmup(self.train.epochs)
-        return self.train.lr_schedule, self.train.warmup_epochs
+        return schedule(self.train)
+
+
+def schedule(train: TrainSettings) -> tuple[str, float]:
+    """``(lr schedule, warm-up epochs)`` of ``train``'s recipe: the params' for ``book``, the recipe's own
+    (cosine with its warm-up) for ``photos``."""
+    if is_photos(train.recipe):
+        return "cosine", PHOTOS_RECIPE.warmup(train.epochs)
+    return train.lr_schedule, train.warmup_epochs
 
 
 def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
@@ -64,24 +70,18 @@ def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
     photos = is_photos(train.recipe)
     batch_size = PHOTOS_RECIPE.batch_size if photos else train.batch_size
     if batch_size % info.world_size:
-        raise ValueError(f"train.batch_size={batch_size} is the global batch and must divide evenly "
+        what = "the photos recipe's batch" if photos else "train.batch_size"
+        raise ValueError(f"{what}={batch_size} is the global batch and must divide evenly "
                          f"over {info.world_size} processes")
     precision = resolve_precision(train.precision, device)
-    warmup = PHOTOS_RECIPE.warmup(train.epochs) if photos else train.warmup_epochs
-    lr_factor("cosine" if photos else train.lr_schedule, train.epochs, warmup)  # refused before any file is touched
+    lr_factor(schedule(train)[0], train.epochs, schedule(train)[1])  # refused before any file is touched
     _seed_everything(seed, train.deterministic)
     dataset = open_split(data, "train", settings.data.image_size, settings.data.classes,
                          settings.data.max_image_pixels, LabelLimits.of(settings.data), settings.data.loader)
     check_boxes(dataset.index.rows[:, 1:], f"labels of {dataset.split_dir}")  # pixels: the same order
-    if photos:
-        model = make_photos_model(dataset, settings.data, train.channels_last, device)
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=PHOTOS_RECIPE.lr,
-                                                             weight_decay=PHOTOS_RECIPE.weight_decay)
-    else:
-        model = make_model(settings.model, settings.data, train.channels_last, device)
-        # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
-        optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                                    weight_decay=train.weight_decay, fused=device.type == "cuda")
+    model = (make_photos_model(dataset, settings.data, train.channels_last, device) if photos
+             else make_model(settings.model, settings.data, train.channels_last, device))
+    optimizer = make_optimizer(model, train, device)
     fingerprint = data_fingerprint(dataset)
     return Setup(info=info, train=train, seed=seed, params=settings.as_dict(), precision=precision,
                  dataset=dataset, fingerprint=fingerprint, model=model, optimizer=optimizer,
@@ -95,6 +95,15 @@ def make_model(model: ModelSettings, data: DataSettings, channels_last: bool, de
     net = TinySSD(num_classes=len(data.classes), sizes=model.sizes, ratios=model.ratios, classes=data.classes,
                   image_size=data.image_size).to(device)
     return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def make_optimizer(model: nn.Module, train: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with the train params (``book``), or the ``photos`` recipe's AdamW."""
+    if is_photos(train.recipe):
+        return torch.optim.AdamW(model.parameters(), lr=PHOTOS_RECIPE.lr, weight_decay=PHOTOS_RECIPE.weight_decay)
+    # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay, fused=device.type == "cuda")
 
 
 def make_photos_model(dataset: DetectionDataset | StreamDataset, data: DataSettings, channels_last: bool,
@@ -121,8 +130,9 @@ def _loader(dataset: DetectionDataset | StreamDataset, batch_size: int, num_work
             info: dist.DistInfo) -> torch.utils.data.DataLoader:
     """This rank's shard of every epoch, ``batch_size / world_size`` per step (the global batch).
 
-    ``train.num_workers`` (``num_workers``) 0 sizes the workers from the machine: none for a split in memory (a batch
-    is one gather, on the GPU when the split fits there), :func:`decode_workers` for a streamed one.
+    ``num_workers`` (``train.num_workers``) 0 sizes the workers from the machine: none for a split in
+    memory (a batch is one gather, on the GPU when the split fits there), :func:`decode_workers` for a
+    streamed one.
     Pinned memory whenever batches come from the host to a GPU."""
     device = info.device
     streamed = isinstance(dataset, StreamDataset)
