@@ -7,7 +7,8 @@ square input frame, for the feature maps the anchors sit on: it maximises the bo
 an anchor, by coordinate ascent over a log-spaced grid, one size or ratio at a time, starting from the
 ratios' quantiles (median first: it goes with every size) and sizes spread over the boxes' range. A
 grid that is too coarse for a thin box cannot hold it whatever the anchor's size (at 128 px the 2 x 2
-map's centres are half the image apart), so the fit moves such boxes to finer maps by itself.
+map's centres are half the image apart), so the fit moves such boxes to finer maps by itself; a map's
+anchors are at most :data:`MAX_STRIDES` of its pixels across, so that its features see the object.
 
 :func:`anchor_coverage` says what share of boxes some anchor overlaps at IoU >= 0.5 (a box that none
 does is matched only by the greedy step of the assignment, with a poor offset to learn).
@@ -23,6 +24,8 @@ from ssd.core.boxes import box_iou
 SIZE_GRID = [round(0.02 * (1 / 0.02) ** (i / 31), 4) for i in range(32)]     # 0.02 .. 1, log-spaced
 RATIO_GRID = [round(8 ** ((i - 15) / 15), 4) for i in range(31)]             # 1/8 .. 8, log-spaced
 SWEEPS = 3
+MAX_STRIDES = 8.0   # an anchor is at most this many of its map's pixels across: a finer map's features see too
+                    # little of a larger object (at 256 px the finest map's pixel is 1/32 of the image)
 
 
 def _shapes(sizes: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
@@ -75,9 +78,13 @@ def fit_anchors(boxes: torch.Tensor, feature_sizes: list[tuple[int, int]], sizes
     lo, hi = torch.quantile((w * h).sqrt().log(), torch.tensor([0.05, 0.95], dtype=boxes.dtype)).tolist()
     count = len(feature_sizes) * sizes_per_scale
     spread = [_nearest(SIZE_GRID, math.exp(lo + (hi - lo) * i / max(1, count - 1))) for i in range(count)]
+    limits = [MAX_STRIDES / min(hw) for hw in feature_sizes]  # the largest size each map may hold
+    grids = [torch.tensor([g for g in SIZE_GRID if g <= limit] or SIZE_GRID[:1], dtype=boxes.dtype)
+             for limit in limits]
+    spread = [min(v, float(grids[i // sizes_per_scale][-1])) for i, v in enumerate(spread)]
     sizes = torch.tensor(spread, dtype=boxes.dtype).reshape(len(feature_sizes), sizes_per_scale)
     centres = [_nearest_centres(boxes, hw) for hw in feature_sizes]
-    size_grid, ratio_grid = (torch.tensor(g, dtype=boxes.dtype) for g in (SIZE_GRID, RATIO_GRID))
+    ratio_grid = torch.tensor(RATIO_GRID, dtype=boxes.dtype)
 
     def best(sizes: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
         """Mean best IoU ``Tensor[...]`` for ``sizes Tensor[..., scales, n]``, ``ratios Tensor[..., r]``."""
@@ -89,9 +96,9 @@ def fit_anchors(boxes: torch.Tensor, feature_sizes: list[tuple[int, int]], sizes
         before = score
         for i in range(len(feature_sizes)):
             for j in range(sizes_per_scale):
-                trial = sizes.expand(len(size_grid), -1, -1).clone()
-                trial[:, i, j] = size_grid
-                score, sizes = _pick(best(trial, ratios.expand(len(size_grid), -1)), trial, score, sizes)
+                trial = sizes.expand(len(grids[i]), -1, -1).clone()
+                trial[:, i, j] = grids[i]
+                score, sizes = _pick(best(trial, ratios.expand(len(grids[i]), -1)), trial, score, sizes)
         for j in range(num_ratios):
             trial = ratios.expand(len(ratio_grid), -1).clone()
             trial[:, j] = ratio_grid

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ssd.core.anchor_fit import RATIO_GRID, SIZE_GRID, anchor_coverage, fit_anchors
+from ssd.core.anchor_fit import MAX_STRIDES, RATIO_GRID, SIZE_GRID, anchor_coverage, fit_anchors
 from ssd.core.model import TinySSD, feature_map_sizes
 
 
@@ -45,3 +45,11 @@ def test_coverage_by_hand():
     assert anchor_coverage(anchors, boxes) == pytest.approx(2 / 3)
     assert anchor_coverage(anchors, boxes, iou=0.6) == pytest.approx(1 / 3)
     assert anchor_coverage(anchors, torch.zeros(0, 4)) == 1.0
+
+
+def test_no_map_holds_anchors_wider_than_eight_of_its_pixels():
+    boxes = (tall_boxes() * torch.tensor([2.0, 1.0, 2.0, 1.0])).clamp(max=1.0)  # 0.2-0.4 wide, 0.4-0.8 high
+    maps = feature_map_sizes(256, 256)  # 32, 16, 8, 4 and 1 pixels across
+    sizes, _ = fit_anchors(boxes, maps)
+    assert all(max(row) <= MAX_STRIDES / hw[1] for row, hw in zip(sizes, maps))
+    assert max(sizes[0]) < 0.3 < max(max(row) for row in sizes[1:])  # the large ones sit on coarser maps
