@@ -8,7 +8,7 @@ augmentation the ``train`` params say; evaluation and prediction use the ``evalu
 docs/performance.md. It fixes its own numbers, so the ``train`` params it replaces (:data:`REPLACED`) do not
 apply to it; the others (epochs, precision, processes, ...) do:
 
-- loss: ``ssd.core.loss.detection_loss`` (hard negatives 3:1, GIoU + smooth L1 on positive anchors,
+- loss: ``ssd.core.loss.detection_loss`` (hard negatives 3:1, 5 x GIoU + smooth L1 on positive anchors,
   divided by the positives);
 - anchors fitted to the training boxes (``ssd.core.anchor_fit``) instead of ``model.sizes``/``model.ratios``;
 - TinySSD with top-down fusion of its scales and ``width`` times its channels;
@@ -35,6 +35,7 @@ REPLACED = ("batch_size", "lr", "weight_decay", "momentum", "augment", "lr_sched
 class Recipe:
     """The ``photos`` recipe's numbers (``book`` takes its numbers from the params)."""
     batch_size: int = 16
+    giou_weight: float = 5.0    # of the box error's GIoU term (smooth L1 of the offsets weighs 1)
     lr: float = 2e-3            # AdamW
     weight_decay: float = 5e-4
     warmup_epochs: float = 2.0

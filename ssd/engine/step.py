@@ -17,7 +17,7 @@ from torch import nn
 from ssd.core.anchors import multibox_target
 from ssd.core.loss import bbox_eval, calc_loss, cls_eval, detection_loss
 from ssd.core.model import as_input
-from ssd.core.recipe import BOOK, is_photos
+from ssd.core.recipe import BOOK, PHOTOS_RECIPE, is_photos
 
 NO_BAD_STEP = sys.maxsize  # Tally.first_bad while every loss has been finite
 
@@ -80,7 +80,8 @@ def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
         anchors, cls_preds, bbox_preds = model(X)
     bbox_labels, bbox_masks, cls_labels = multibox_target(anchors, labels, check=False)
     if is_photos(recipe):
-        per_example = detection_loss(anchors, cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+        per_example = detection_loss(anchors, cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+                                     giou_weight=PHOTOS_RECIPE.giou_weight)
     else:
         per_example = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
     with torch.no_grad():
