@@ -71,18 +71,10 @@ def fit_anchors(boxes: torch.Tensor, feature_sizes: list[tuple[int, int]], sizes
     boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
     if len(boxes) == 0:
         raise ValueError("cannot fit anchors: no boxes with a positive width and height")
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    quantiles = torch.tensor([0.5, *[(i + 1) / num_ratios for i in range(num_ratios - 1)]], dtype=boxes.dtype)
-    ratios = torch.tensor([_nearest(RATIO_GRID, float(r)) for r in torch.quantile((w / h).log(), quantiles).exp()],
-                          dtype=boxes.dtype)
-    lo, hi = torch.quantile((w * h).sqrt().log(), torch.tensor([0.05, 0.95], dtype=boxes.dtype)).tolist()
-    count = len(feature_sizes) * sizes_per_scale
-    spread = [_nearest(SIZE_GRID, math.exp(lo + (hi - lo) * i / max(1, count - 1))) for i in range(count)]
     limits = [MAX_STRIDES / min(hw) for hw in feature_sizes]  # the largest size each map may hold
     grids = [torch.tensor([g for g in SIZE_GRID if g <= limit] or SIZE_GRID[:1], dtype=boxes.dtype)
              for limit in limits]
-    spread = [min(v, float(grids[i // sizes_per_scale][-1])) for i, v in enumerate(spread)]
-    sizes = torch.tensor(spread, dtype=boxes.dtype).reshape(len(feature_sizes), sizes_per_scale)
+    sizes, ratios = _start(boxes, grids, sizes_per_scale, num_ratios)
     centres = [_nearest_centres(boxes, hw) for hw in feature_sizes]
     ratio_grid = torch.tensor(RATIO_GRID, dtype=boxes.dtype)
 
@@ -106,6 +98,21 @@ def fit_anchors(boxes: torch.Tensor, feature_sizes: list[tuple[int, int]], sizes
         if score <= before + 1e-12:
             break
     return [[float(v) for v in row] for row in sizes], [float(r) for r in ratios]
+
+
+def _start(boxes: torch.Tensor, grids: list[torch.Tensor], sizes_per_scale: int,
+           num_ratios: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the ascent starts: the ratios' median and quantiles, and sizes spread evenly in log scale
+    over the boxes' 5th to 95th percentile (each within its map's ``grids``)."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    quantiles = torch.tensor([0.5, *[(i + 1) / num_ratios for i in range(num_ratios - 1)]], dtype=boxes.dtype)
+    ratios = torch.tensor([_nearest(RATIO_GRID, float(r)) for r in torch.quantile((w / h).log(), quantiles).exp()],
+                          dtype=boxes.dtype)
+    lo, hi = torch.quantile((w * h).sqrt().log(), torch.tensor([0.05, 0.95], dtype=boxes.dtype)).tolist()
+    count = len(grids) * sizes_per_scale
+    spread = [_nearest(SIZE_GRID, math.exp(lo + (hi - lo) * i / max(1, count - 1))) for i in range(count)]
+    spread = [min(v, float(grids[i // sizes_per_scale][-1])) for i, v in enumerate(spread)]
+    return torch.tensor(spread, dtype=boxes.dtype).reshape(len(grids), sizes_per_scale), ratios
 
 
 def _pick(scores: torch.Tensor, trials: torch.Tensor, score: float, current: torch.Tensor
