@@ -5,8 +5,9 @@ the anchors of ``model.sizes``/``model.ratios``, the book's TinySSD, and the opt
 augmentation the ``train`` params say; evaluation and prediction use the ``evaluate`` params.
 
 ``photos`` is a recipe for real photos (few images, many boxes of any shape), measured in
-docs/performance.md. It fixes its own numbers, so the ``train`` params it replaces (:data:`REPLACED`) do not
-apply to it; the others (epochs, precision, processes, ...) do:
+docs/performance.md. It fixes its own numbers, so the ``train`` params it replaces (``batch_size``, ``lr``,
+``weight_decay``, ``momentum``, ``augment``, ``lr_schedule``, ``warmup_epochs``) and ``model.sizes``/``ratios``
+do not apply to it; the others (epochs, precision, processes, ...) do:
 
 - loss: ``ssd.core.loss.detection_loss`` (hard negatives 3:1, 5 x GIoU + smooth L1 on positive anchors,
   divided by the positives);
@@ -27,8 +28,6 @@ from typing import Any
 from ssd.util.settings import NMS_MODES, RECIPES
 
 BOOK, PHOTOS = RECIPES
-# The ``train`` params that ``photos`` replaces with its own values.
-REPLACED = ("batch_size", "lr", "weight_decay", "momentum", "augment", "lr_schedule", "warmup_epochs")
 
 
 @dataclass(frozen=True)
