@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["hflip", "random_hflip", "photometric_distort", "random_crop", "ssd_augment", "epoch_generator"]
+__all__ = ["hflip", "random_hflip", "photometric_distort", "random_crop", "ssd_augment", "epoch_generator",
+           "zoom_out", "mosaic", "photos_augment"]
 
 MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9)  # None: keep the whole image
 CROP_TRIALS = 50  # patches tried per image, as in the SSD reference code; none fitting keeps the image
@@ -163,5 +164,63 @@ def ssd_augment(images: torch.Tensor, labels: torch.Tensor, generator: torch.Gen
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole recipe in the paper's order: photometric distortion, random crop, horizontal flip."""
     images = photometric_distort(images, generator)
+    images, labels = random_crop(images, labels, generator)
+    return random_hflip(images, labels, generator)
+
+
+def zoom_out(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, max_scale: float = 2.0,
+             p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSD paper's "zoom out" (its expansion step), with probability ``p`` per image: the image is
+    placed at a random spot of a canvas ``U(1, max_scale)`` times its side, filled with the batch's mean
+    colour, and the canvas resized back to ``S x S``; boxes shrink with it (none is dropped)."""
+    b, _, height, width = images.shape
+    side = torch.where(_coin((b,), p, generator), _uniform((b,), 1.0, max_scale, generator), 1.0)
+    x1 = -_uniform((b,), 0.0, 1.0, generator) * (side - 1)
+    y1 = -_uniform((b,), 0.0, 1.0, generator) * (side - 1)
+    patches = torch.stack((x1, y1, x1 + side, y1 + side), -1)  # in image units: it encloses the image
+    zero = torch.zeros_like(x1)
+    theta = torch.stack((torch.stack((side, zero, 2 * x1 + side - 1), -1),
+                         torch.stack((zero, side, 2 * y1 + side - 1), -1)), -2)
+    grid = F.affine_grid(theta.float(), [b, 3, height, width], align_corners=False)
+    mean = images.float().mean(dim=(0, 2, 3), keepdim=True)
+    canvas = F.grid_sample(images.float() - mean, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = torch.where((side > 1)[:, None, None, None], (canvas + mean).round_().clamp_(0, 255).to(torch.uint8), images)
+    origin = torch.cat((patches[:, None, :2],) * 2, -1)
+    moved = ((labels[..., 1:] - origin) / side[:, None, None]).to(labels.dtype)
+    return out, torch.where((labels[..., :1] >= 0), torch.cat((labels[..., :1], moved), -1), labels)
+
+
+def mosaic(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+           p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability ``p`` per image, a 2 x 2 mosaic of it and three other images of the batch, each
+    at half size; the labels become ``Tensor[B, 4 M, 5]`` (the four images' boxes, halved and moved;
+    an image left alone keeps its rows, then padding)."""
+    b, _, height, width = images.shape
+    use = _coin((b,), p, generator)
+    others = [torch.randint(b, (b,), generator=generator, device=generator.device) for _ in range(3)]
+    sources = [torch.arange(b, device=images.device), *others]
+    small = F.interpolate(images.float(), scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False)
+    top = torch.cat((small[sources[0]], small[sources[1]]), dim=-1)
+    bottom = torch.cat((small[sources[2]], small[sources[3]]), dim=-1)
+    tiled = F.interpolate(torch.cat((top, bottom), dim=-2), size=(height, width), mode="nearest")
+    out = torch.where(use[:, None, None, None], tiled.round_().clamp_(0, 255).to(torch.uint8), images)
+    rows = []
+    for k, source in enumerate(sources):
+        part = labels[source]
+        offset = torch.tensor([(k % 2) * 0.5, (k // 2) * 0.5] * 2, device=labels.device, dtype=labels.dtype)
+        moved = torch.cat((part[..., :1], part[..., 1:] * 0.5 + offset), -1)
+        rows.append(torch.where(part[..., :1] >= 0, moved, part))
+    tiled_labels = torch.cat(rows, dim=1)
+    alone = torch.cat((labels, torch.full_like(labels, -1.0).repeat(1, 3, 1)), dim=1)
+    return out, torch.where(use[:, None, None], tiled_labels, alone)
+
+
+def photos_augment(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``photos`` recipe's: :func:`mosaic`, photometric distortion, :func:`zoom_out`, the SSD random
+    crop and the horizontal flip."""
+    images, labels = mosaic(images, labels, generator)
+    images = photometric_distort(images, generator)
+    images, labels = zoom_out(images, labels, generator)
     images, labels = random_crop(images, labels, generator)
     return random_hflip(images, labels, generator)

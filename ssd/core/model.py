@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ssd.core.anchors import multibox_prior
+from ssd.core.fusion import TopDown
 
 SEED_SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
 SEED_RATIOS = [1.0, 2.0, 0.5]
@@ -25,6 +26,8 @@ class SSDConfig:
     sizes: list[list[float]] = field(default_factory=lambda: [list(s) for s in SEED_SIZES])
     ratios: list[float] = field(default_factory=lambda: list(SEED_RATIOS))
     classes: list[str] = field(default_factory=lambda: ["banana"])
+    width: float = 1.0      # channel multiplier of every layer (the book's net: 1)
+    fusion: bool = False    # top-down fusion: each scale also sees the coarser ones (the book's net: none)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -35,6 +38,8 @@ class SSDConfig:
             raise ValueError("every scale needs the same number of sizes, and ratios must not be empty")
         if len(self.classes) != self.num_classes:
             raise ValueError(f"{len(self.classes)} class names for num_classes={self.num_classes}")
+        if not 0.25 <= self.width <= 4 or not isinstance(self.fusion, bool):
+            raise ValueError(f"width must be in [0.25, 4] and fusion a bool, got {self.width!r}, {self.fusion!r}")
 
     @property
     def num_anchors(self) -> int:
@@ -63,8 +68,13 @@ def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(*blk)
 
 
-def base_net() -> nn.Sequential:
-    filters = [3, 16, 32, 64]
+def channels(width: float = 1.0) -> list[int]:
+    """Output channels of the five blocks (the book's: 64, 128, 128, 128, 128) times ``width``."""
+    return [max(1, round(c * width)) for c in (64, 128, 128, 128, 128)]
+
+
+def base_net(width: float = 1.0) -> nn.Sequential:
+    filters = [3, *[max(1, round(c * width)) for c in (16, 32, 64)]]
     return nn.Sequential(*[down_sample_blk(filters[i], filters[i + 1]) for i in range(len(filters) - 1)])
 
 
@@ -77,14 +87,12 @@ class GlobalMaxPool(nn.Module):
         return X.amax(dim=(2, 3), keepdim=True)
 
 
-def get_blk(i: int) -> nn.Module:
+def get_blk(i: int, width: float = 1.0) -> nn.Module:
     if i == 0:
-        return base_net()
-    if i == 1:
-        return down_sample_blk(64, 128)
+        return base_net(width)
     if i == 4:
         return GlobalMaxPool()
-    return down_sample_blk(128, 128)
+    return down_sample_blk(*channels(width)[i - 1:i + 1])
 
 
 def feature_map_sizes(height: int, width: int) -> list[tuple[int, int]]:
@@ -128,11 +136,11 @@ class TinySSD(nn.Module):
     ``forward``, so it can be compiled or captured in a CUDA graph.
     """
 
-    IN_CHANNELS = [64, 128, 128, 128, 128]
+    IN_CHANNELS = channels()
 
     def __init__(self, num_classes: int = 1, sizes: list[list[float]] | None = None,
                  ratios: list[float] | None = None, classes: list[str] | None = None,
-                 image_size: int = 256) -> None:
+                 image_size: int = 256, width: float = 1.0, fusion: bool = False) -> None:
         super().__init__()
         self.config = SSDConfig(
             num_classes=num_classes,
@@ -140,20 +148,22 @@ class TinySSD(nn.Module):
             ratios=[float(r) for r in (ratios or SEED_RATIOS)],
             classes=list(classes) if classes is not None else
             (["banana"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)]),
-        )
+            width=float(width), fusion=bool(fusion))
         self.num_classes = num_classes
-        num_anchors = self.config.num_anchors
+        num_anchors, chans = self.config.num_anchors, channels(self.config.width)
         for i in range(5):
-            setattr(self, f"blk_{i}", get_blk(i))
-            setattr(self, f"cls_{i}", cls_predictor(self.IN_CHANNELS[i], num_anchors, num_classes))
-            setattr(self, f"bbox_{i}", bbox_predictor(self.IN_CHANNELS[i], num_anchors))
+            setattr(self, f"blk_{i}", get_blk(i, self.config.width))
+            setattr(self, f"cls_{i}", cls_predictor(chans[i], num_anchors, num_classes))
+            setattr(self, f"bbox_{i}", bbox_predictor(chans[i], num_anchors))
+        if fusion:  # only then: the book's state dict keeps exactly its keys
+            self.top_down = TopDown(chans)
         self._anchor_sizes = feature_map_sizes(image_size, image_size)
         self.register_buffer("anchors", self._make_anchors(self._anchor_sizes), persistent=False)
 
     @classmethod
     def from_config(cls, config: SSDConfig | dict[str, Any]) -> "TinySSD":
         cfg = config if isinstance(config, SSDConfig) else SSDConfig(**config)
-        return cls(cfg.num_classes, cfg.sizes, cfg.ratios, cfg.classes)
+        return cls(cfg.num_classes, cfg.sizes, cfg.ratios, cfg.classes, width=cfg.width, fusion=cfg.fusion)
 
     def _make_anchors(self, sizes: list[tuple[int, int]], device: torch.device | None = None) -> torch.Tensor:
         """``Tensor[1, A, 4]`` for feature maps of ``sizes`` (only their shapes matter)."""
@@ -167,12 +177,20 @@ class TinySSD(nn.Module):
         return self._make_anchors(sizes, feature_maps[0].device)
 
     def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feature_maps, cls_preds, bbox_preds = [], [], []
+        # Without fusion each head runs right after its block, the book's order: backward then adds up
+        # each map's gradients in the book's order, so training is bit for bit the book's.
+        feature_maps: list[torch.Tensor] = []
+        cls_preds, bbox_preds = [], []
         for i in range(5):
             X = getattr(self, f"blk_{i}")(X)
             feature_maps.append(X)
-            cls_preds.append(getattr(self, f"cls_{i}")(X))
-            bbox_preds.append(getattr(self, f"bbox_{i}")(X))
+            if not self.config.fusion:
+                cls_preds.append(getattr(self, f"cls_{i}")(X))
+                bbox_preds.append(getattr(self, f"bbox_{i}")(X))
+        if self.config.fusion:
+            for i, fused in enumerate(self.top_down(feature_maps)):
+                cls_preds.append(getattr(self, f"cls_{i}")(fused))
+                bbox_preds.append(getattr(self, f"bbox_{i}")(fused))
         cls = concat_preds(cls_preds)
         return (self._anchors(feature_maps),
                 cls.reshape(cls.shape[0], -1, self.num_classes + 1),
@@ -192,6 +210,7 @@ class ModelFile(NamedTuple):
     net: "TinySSD"
     image_size: int | None   # the image size it was trained at (``params.data.image_size``), if recorded
     run_id: str | None       # the MLflow run that trained it (``mlflow_run_id``), if recorded
+    recipe: str | None = None  # the ``train.recipe`` it was trained with, if recorded (None: before recipes)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> TinySSD:
@@ -221,7 +240,8 @@ def read_model(path: str | Path, map_location: str | torch.device = "cpu", name:
         net.load_state_dict(blob["model"])
     except Exception as exc:  # TypeError/ValueError from the config, RuntimeError from the state dict
         raise ValueError(f"{name} is not a TinySSD model file: {_state_dict_problem(exc)}") from None
-    return ModelFile(net.to(map_location).eval(), _recorded_image_size(blob, name), _recorded_run(blob))
+    return ModelFile(net.to(map_location).eval(), _recorded_image_size(blob, name), _recorded_run(blob),
+                     _recorded("train", "recipe", blob, name))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -238,17 +258,24 @@ def _state_dict_problem(exc: BaseException) -> str:
 
 def _recorded_image_size(blob: dict, name: str) -> int | None:
     """``params.data.image_size`` of the training that wrote ``blob``: the size its anchors and
-    weights were fitted at. A value that is not a valid image size refuses the file."""
+    weights were fitted at."""
+    return _recorded("data", "image_size", blob, name)
+
+
+def _recorded(section: str, key: str, blob: dict, name: str) -> Any:
+    """``params.<section>.<key>`` as the training that wrote ``blob`` recorded it, or None; a value
+    that the params would refuse refuses the file."""
     from ssd.util.settings import SCHEMA
 
     params = blob.get("params")
-    data = params.get("data") if isinstance(params, dict) else None
-    size = data.get("image_size") if isinstance(data, dict) else None
-    if size is None:
+    node = params.get(section) if isinstance(params, dict) else None
+    value = node.get(key) if isinstance(node, dict) else None
+    if value is None:
         return None
-    if not SCHEMA["data.image_size"].ok(size):
-        raise ValueError(f"{name}: recorded data.image_size={size!r}: expected {SCHEMA['data.image_size'].expected}")
-    return size
+    check = SCHEMA[f"{section}.{key}"]
+    if not check.ok(value):
+        raise ValueError(f"{name}: recorded {section}.{key}={value!r}: expected {check.expected}")
+    return value
 
 
 def _recorded_run(blob: dict) -> str | None:

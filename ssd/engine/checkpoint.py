@@ -28,7 +28,8 @@ KEEP_CHECKPOINTS = 2
 # The modules whose code decides what a checkpoint holds and how training continues from it.
 CODE_MODULES = ("ssd.engine.loop", "ssd.engine.setup", "ssd.engine.step", "ssd.engine.precision",
                 "ssd.engine.checkpoint", "ssd.core.model", "ssd.core.anchors", "ssd.core.boxes", "ssd.core.loss",
-                "ssd.data.dataset", "ssd.data.images", "ssd.data.labels", "ssd.core.augment", "ssd.core.schedule")
+                "ssd.data.dataset", "ssd.data.images", "ssd.data.labels", "ssd.core.augment", "ssd.core.schedule",
+                "ssd.core.anchor_fit", "ssd.core.fusion", "ssd.core.recipe", "ssd.engine.ema")
 
 
 def resume_key(params: dict[str, Any]) -> dict[str, Any]:
@@ -71,14 +72,15 @@ def checkpoint_path(directory: Path, epoch: int) -> Path:
 
 def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, params: dict[str, Any], history: list[dict],
-                    data_fingerprint: str, run_id: str) -> Path:
+                    data_fingerprint: str, run_id: str, ema: Any = None) -> Path:
     """Write ``epoch_NNNN.pt`` atomically (older checkpoints stay: see ``prune_checkpoints``).
 
-    ``params``: the run's params as plain values (``Settings.as_dict()``), compared by :func:`resume_key`.
+    ``params``: the run's params as plain values (``Settings.as_dict()``), compared by :func:`resume_key`;
+    ``ema``: the recipe's weight average (``ssd.engine.ema.WeightAverage``), if any, saved as ``ema``.
     """
     net = unwrap(model)
     path = checkpoint_path(directory, epoch)
-    atomic_torch_save({
+    atomic_torch_save({**({"ema": ema.state_dict()} if ema is not None else {}),
         "epoch": epoch, "sampler_epoch": epoch, "config": asdict(net.config), "model": net.state_dict(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
         "params": params, "history": history, "data_fingerprint": data_fingerprint,

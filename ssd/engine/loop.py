@@ -28,10 +28,12 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from ssd.core.augment import epoch_generator, ssd_augment
-from ssd.core.model import save_model
+from ssd.core.augment import epoch_generator, photos_augment, ssd_augment
+from ssd.core.model import save_model, unwrap
+from ssd.core.recipe import BOOK
 from ssd.core.schedule import make_scheduler
 from ssd.engine import distributed as dist
+from ssd.engine.ema import WeightAverage
 from ssd.engine.checkpoint import (CHECKPOINT_GLOB, checkpoint_path, find_checkpoint, prune_checkpoints,
                                    save_checkpoint, set_rng_state)
 from ssd.engine.history import curve_figure, history_csv
@@ -85,11 +87,12 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
                     autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
                     progress: bool = False, last_good: str = "none", desc: str = "",
                     augment: Callable | None = None,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
-    """One pass over the loader; returns the epoch's metrics reduced over all ranks.
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, recipe: str = BOOK,
+                    ema: WeightAverage | None = None) -> dict[str, float]:
+    """One pass over the loader with ``recipe``'s loss; returns the epoch's metrics reduced over all ranks.
 
     ``augment(images, labels) -> (images, labels)`` transforms each batch on the device;
-    ``scheduler`` steps after every optimizer step (see ``ssd.core.schedule``).
+    ``scheduler`` steps after every optimizer step (see ``ssd.core.schedule``), and so does ``ema``.
     """
     from tqdm import tqdm
 
@@ -102,9 +105,11 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         if augment is not None:
             images, labels = augment(images, labels)
         loss, stats = train_step(model, optimizer, scaler, images, labels, autocast_dtype=autocast_dtype,
-                                 channels_last=channels_last, epoch=epoch, step=step)
+                                 channels_last=channels_last, epoch=epoch, step=step, recipe=recipe)
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update(unwrap(model))
         tally.add(step, loss, stats)
         if step % CHECK_EVERY == 0:  # not every step: each check waits for the device
             _raise_if_nonfinite(tally, epoch, last_good)
@@ -143,6 +148,8 @@ def resume(setup: Setup, paths: TrainPaths) -> Progress:
     setup.model.load_state_dict(ckpt["model"])
     setup.optimizer.load_state_dict(ckpt["optimizer"])
     setup.scaler.load_state_dict(ckpt["scaler"])
+    if setup.ema is not None:
+        setup.ema.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"])
     progress.epoch, progress.history = int(ckpt["epoch"]), list(ckpt["history"])
     progress.run_id = ckpt["mlflow_run_id"] or None
@@ -156,15 +163,17 @@ def fit(setup: Setup, progress: Progress, paths: TrainPaths, log: RunLog) -> Non
     info, train = setup.info, setup.train
     net = parallel(setup.model, info, train.compile)
     steps = len(setup.loader)
-    scheduler = make_scheduler(setup.optimizer, train.lr_schedule, epochs=train.epochs, steps_per_epoch=steps,
-                               warmup_epochs=train.warmup_epochs, start_step=progress.epoch * steps)
+    kind, warmup = setup.schedule
+    scheduler = make_scheduler(setup.optimizer, kind, epochs=train.epochs, steps_per_epoch=steps,
+                               warmup_epochs=warmup, start_step=progress.epoch * steps)
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_good = str(checkpoint_path(paths.checkpoint_dir, progress.epoch)) if progress.epoch else "none"
     for epoch in range(progress.epoch + 1, train.epochs + 1):
         metrics = train_one_epoch(net, setup.loader, setup.optimizer, setup.scaler, epoch=epoch, device=info.device,
                                   autocast_dtype=AUTOCAST_DTYPES[setup.precision], channels_last=train.channels_last,
                                   progress=info.is_main, last_good=last_good, desc=f"epoch {epoch}/{train.epochs}",
-                                  scheduler=scheduler, augment=_augmentation(setup, epoch))
+                                  scheduler=scheduler, augment=_augmentation(setup, epoch), recipe=setup.recipe,
+                                  ema=setup.ema)
         progress.epoch = epoch
         progress.history.append({"epoch": epoch, **metrics})
         if info.is_main:
@@ -176,7 +185,7 @@ def _record_epoch(setup: Setup, progress: Progress, paths: TrainPaths, log: RunL
     """Rank 0, after each epoch: the checkpoint (then an earlier run's go), the MLflow log."""
     path = save_checkpoint(paths.checkpoint_dir, model=setup.model, optimizer=setup.optimizer,
                            scaler=setup.scaler, epoch=progress.epoch, params=setup.params, history=progress.history,
-                           data_fingerprint=setup.fingerprint, run_id=log.run_id)
+                           data_fingerprint=setup.fingerprint, run_id=log.run_id, ema=setup.ema)
     prune_checkpoints(paths.checkpoint_dir, keep=path, stale=progress.stale)
     progress.stale = []
     log.log_epoch(progress.epoch, metrics, path)  # the history CSV is written with the model, at the end
@@ -197,7 +206,9 @@ def finish(setup: Setup, progress: Progress, paths: TrainPaths, log: RunLog,
     if not setup.info.is_main:
         return final
     # The model first: a failure (a full disk) leaves no report describing a model that is not there.
-    save_model(setup.model, paths.model_out, params=setup.params, history=history, mlflow_run_id=log.run_id)
+    # The recipe's weight average, when it keeps one, is the model.
+    net = setup.ema.module if setup.ema is not None else setup.model
+    save_model(net, paths.model_out, params=setup.params, history=history, mlflow_run_id=log.run_id)
     log.write_run_file(paths.run_file)
     atomic_write_text(paths.history_out, history_csv(history))
     atomic_save_figure(curve_figure(history, epochs), paths.curve_out, dpi=100)
@@ -209,11 +220,13 @@ def finish(setup: Setup, progress: Progress, paths: TrainPaths, log: RunLog,
 
 
 def _augmentation(setup: Setup, epoch: int) -> Callable | None:
-    """The epoch's augmentation (``train.augment``), seeded by (seed, epoch, rank) so a resume redraws it."""
-    if not setup.train.augment:
+    """The epoch's augmentation (``train.augment``, or the ``photos`` recipe's), seeded by (seed, epoch,
+    rank) so a resume redraws it."""
+    if not (setup.photos or setup.train.augment):
         return None
     info = setup.info
-    return partial(ssd_augment, generator=epoch_generator(setup.seed, epoch, info.rank, info.device))
+    return partial(photos_augment if setup.photos else ssd_augment,
+                   generator=epoch_generator(setup.seed, epoch, info.rank, info.device))
 
 
 @contextmanager

@@ -9,6 +9,7 @@ ground truth per image ``Tensor[M, 5]`` rows ``(class, x1, y1, x2, y2)`` (class 
   not yet matched ground-truth box of its class is >= 0.5 (detections taken in decreasing score);
 - ``per_class``: for each class name ``{"ap50", "ap", "num_objects"}``, COCO's AP@0.5 and
   AP@[.5:.95] of that class alone (-1 for a class with no ground truth, COCO's convention);
+- ``best_f1``: the point of the precision-recall curve with the best F1 (a display threshold chosen on it);
 - ``confusion``: ``matrix[t][p]`` counts the ground-truth boxes of class ``t`` whose top-scoring
   detection at IoU >= 0.5 (any score) has class ``p``; the last column (``none``) those with no
   detection there; ``confused`` lists the off-diagonal pairs, most frequent first.
@@ -88,6 +89,21 @@ def precision_recall(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tens
         curve.append({"threshold": float(threshold), "precision": n_tp / n_kept if n_kept else 0.0,
                       "recall": n_tp / num_truth if num_truth else 0.0})
     return curve
+
+
+def best_f1(curve: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The point ``{"threshold", "precision", "recall", "f1"}`` of a :func:`precision_recall` curve with the
+    highest F1 (the harmonic mean of precision and recall); on a tie the highest threshold, which shows
+    fewer boxes for the same F1. ``ValueError`` for an empty curve."""
+    if not curve:
+        raise ValueError("best_f1: empty precision-recall curve")
+
+    def f1(point: dict[str, float]) -> float:
+        p, r = point["precision"], point["recall"]
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    best = max(curve, key=lambda point: (f1(point), point["threshold"]))
+    return {"threshold": best["threshold"], "precision": best["precision"], "recall": best["recall"], "f1": f1(best)}
 
 
 def detection_metrics(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],

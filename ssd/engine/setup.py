@@ -11,13 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssd.core.anchor_fit import fit_anchors
 from ssd.core.boxes import check_boxes
-from ssd.core.model import TinySSD
+from ssd.core.model import TinySSD, feature_map_sizes
+from ssd.core.recipe import PHOTOS_RECIPE, is_photos
 from ssd.core.schedule import lr_factor
 from ssd.data.dataset import DetectionDataset, StreamDataset, decode_workers, make_loader, open_split
 from ssd.data.labels import LabelLimits
 from ssd.engine import distributed as dist
 from ssd.engine.checkpoint import data_fingerprint
+from ssd.engine.ema import WeightAverage
 from ssd.engine.precision import resolve_precision
 from ssd.util.settings import DataSettings, ModelSettings, Settings, TrainSettings
 
@@ -36,6 +39,25 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loader: torch.utils.data.DataLoader
+    recipe: str = "book"     # train.recipe
+    ema: WeightAverage | None = None  # the recipe's average of the weights (what gets saved), if any
+
+    @property
+    def photos(self) -> bool:
+        return is_photos(self.recipe)
+
+    @property
+    def schedule(self) -> tuple[str, float]:
+        """The lr schedule and warm-up epochs the recipe trains with."""
+        return schedule(self.train)
+
+
+def schedule(train: TrainSettings) -> tuple[str, float]:
+    """``(lr schedule, warm-up epochs)`` of ``train``'s recipe: the params' for ``book``, the recipe's own
+    (cosine with its warm-up) for ``photos``."""
+    if is_photos(train.recipe):
+        return "cosine", PHOTOS_RECIPE.warmup(train.epochs)
+    return train.lr_schedule, train.warmup_epochs
 
 
 def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
@@ -45,24 +67,27 @@ def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
     ``data.image_size``, ``data.max_image_pixels``, ``data.loader``); ``data``: the dataset root.
     """
     train, seed, device = settings.train, settings.base.seed, info.device
-    if train.batch_size % info.world_size:
-        raise ValueError(f"train.batch_size={train.batch_size} is the global batch and must divide evenly "
+    photos = is_photos(train.recipe)
+    batch_size = PHOTOS_RECIPE.batch_size if photos else train.batch_size
+    if batch_size % info.world_size:
+        what = "the photos recipe's batch" if photos else "train.batch_size"
+        raise ValueError(f"{what}={batch_size} is the global batch and must divide evenly "
                          f"over {info.world_size} processes")
     precision = resolve_precision(train.precision, device)
-    lr_factor(train.lr_schedule, train.epochs, train.warmup_epochs)  # refused before any file is touched
+    lr_factor(schedule(train)[0], train.epochs, schedule(train)[1])  # refused before any file is touched
     _seed_everything(seed, train.deterministic)
     dataset = open_split(data, "train", settings.data.image_size, settings.data.classes,
                          settings.data.max_image_pixels, LabelLimits.of(settings.data), settings.data.loader)
     check_boxes(dataset.index.rows[:, 1:], f"labels of {dataset.split_dir}")  # pixels: the same order
-    model = make_model(settings.model, settings.data, train.channels_last, device)
-    # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                                weight_decay=train.weight_decay, fused=device.type == "cuda")
+    model = (make_photos_model(dataset, settings.data, train.channels_last, device) if photos
+             else make_model(settings.model, settings.data, train.channels_last, device))
+    optimizer = make_optimizer(model, train, device)
     fingerprint = data_fingerprint(dataset)
     return Setup(info=info, train=train, seed=seed, params=settings.as_dict(), precision=precision,
                  dataset=dataset, fingerprint=fingerprint, model=model, optimizer=optimizer,
                  scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                 loader=_loader(dataset, train, seed, info))
+                 loader=_loader(dataset, batch_size, train.num_workers, seed, info), recipe=train.recipe,
+                 ema=WeightAverage(model, PHOTOS_RECIPE.ema_decay) if photos else None)
 
 
 def make_model(model: ModelSettings, data: DataSettings, channels_last: bool, device: torch.device) -> TinySSD:
@@ -72,18 +97,48 @@ def make_model(model: ModelSettings, data: DataSettings, channels_last: bool, de
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def _loader(dataset: DetectionDataset | StreamDataset, train: TrainSettings, seed: int, info: dist.DistInfo
-            ) -> torch.utils.data.DataLoader:
-    """This rank's shard of every epoch, ``train.batch_size / world_size`` per step.
+def make_optimizer(model: nn.Module, train: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with the train params (``book``), or the ``photos`` recipe's AdamW."""
+    if is_photos(train.recipe):
+        return torch.optim.AdamW(model.parameters(), lr=PHOTOS_RECIPE.lr, weight_decay=PHOTOS_RECIPE.weight_decay)
+    # Fused on GPUs: one kernel, and GradScaler then needs no host read of its inf check per step.
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay, fused=device.type == "cuda")
 
-    ``train.num_workers`` 0 sizes the workers from the machine: none for a split in memory (a batch
-    is one gather, on the GPU when the split fits there), :func:`decode_workers` for a streamed one.
+
+def make_photos_model(dataset: DetectionDataset | StreamDataset, data: DataSettings, channels_last: bool,
+                      device: torch.device) -> TinySSD:
+    """The ``photos`` recipe's TinySSD (``ssd.core.recipe``): its width and fusion, and anchors fitted to
+    the boxes of ``dataset`` (the training split) at ``data.image_size``."""
+    size = data.image_size
+    sizes, ratios = fit_anchors(training_boxes(dataset), feature_map_sizes(size, size))
+    net = TinySSD(num_classes=len(data.classes), sizes=sizes, ratios=ratios, classes=data.classes, image_size=size,
+                  width=PHOTOS_RECIPE.width, fusion=PHOTOS_RECIPE.fusion).to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def training_boxes(dataset: DetectionDataset | StreamDataset, max_images: int = 2048) -> torch.Tensor:
+    """Corner boxes ``Tensor[N, 4]`` in [0, 1] of the split's images (of at most ``max_images`` of them,
+    evenly spaced, for a streamed split: each must be decoded for its size)."""
+    if isinstance(dataset, DetectionDataset):
+        return dataset.rows[:-1, 1:].cpu()
+    picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), max_images)).long().unique().tolist()
+    return torch.cat([dataset[i][1][:, 1:] for i in picks])
+
+
+def _loader(dataset: DetectionDataset | StreamDataset, batch_size: int, num_workers: int, seed: int,
+            info: dist.DistInfo) -> torch.utils.data.DataLoader:
+    """This rank's shard of every epoch, ``batch_size / world_size`` per step (the global batch).
+
+    ``num_workers`` (``train.num_workers``) 0 sizes the workers from the machine: none for a split in
+    memory (a batch is one gather, on the GPU when the split fits there), :func:`decode_workers` for a
+    streamed one.
     Pinned memory whenever batches come from the host to a GPU."""
     device = info.device
     streamed = isinstance(dataset, StreamDataset)
-    workers = train.num_workers or (decode_workers() if streamed else 0)
+    workers = num_workers or (decode_workers() if streamed else 0)
     resident = not streamed and keep_on_device(dataset, device, workers)
-    return make_loader(dataset, train.batch_size // info.world_size, shuffle=True, seed=seed, rank=info.rank,
+    return make_loader(dataset, batch_size // info.world_size, shuffle=True, seed=seed, rank=info.rank,
                        world_size=info.world_size, num_workers=workers,
                        pin_memory=device.type == "cuda" and not resident,
                        prefetch_factor=4 if streamed else None)

@@ -1,7 +1,7 @@
 """One training step, the one that ``ssd train``, the benchmarks and the tests all run.
 
-:func:`train_step` is a whole optimizer step on one batch: the seed's loss under autocast
-(:func:`forward_loss`), the step hooks, backward through the loss scaler and the optimizer's step.
+:func:`train_step` is a whole optimizer step on one batch: the recipe's loss under autocast
+(:func:`forward_loss`; ``train.recipe``: the seed's for ``book``), the step hooks, backward through the loss scaler and the optimizer's step.
 :class:`Tally` adds up an epoch's steps on the device, so that no step waits for the host.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ssd.core.anchors import multibox_target
-from ssd.core.loss import bbox_eval, calc_loss, cls_eval
+from ssd.core.loss import bbox_eval, calc_loss, cls_eval, detection_loss
 from ssd.core.model import as_input
+from ssd.core.recipe import BOOK, PHOTOS_RECIPE, is_photos
 
 NO_BAD_STEP = sys.maxsize  # Tally.first_bad while every loss has been finite
 
@@ -60,9 +61,9 @@ def _run_step_hooks(step: TrainStep) -> torch.Tensor:
 # The step
 
 def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False
+                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False, recipe: str = BOOK
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed's training loss and metric sums for one batch.
+    """The training loss of ``recipe`` (``train.recipe``; ``book``: the seed's) and metric sums for one batch.
 
     Args:
         images: ``uint8 Tensor[B, 3, S, S]``; labels: ``Tensor[B, M, 5]`` (already checked, so
@@ -78,7 +79,11 @@ def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
     with autocast:
         anchors, cls_preds, bbox_preds = model(X)
     bbox_labels, bbox_masks, cls_labels = multibox_target(anchors, labels, check=False)
-    per_example = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+    if is_photos(recipe):
+        per_example = detection_loss(anchors, cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+                                     giou_weight=PHOTOS_RECIPE.giou_weight)
+    else:
+        per_example = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
     with torch.no_grad():
         # The counts are shapes, known on the host: filled on the device (a kernel), never copied
         # from the host (``torch.tensor(..., device=...)`` would be a synchronizing copy each step).
@@ -92,14 +97,16 @@ def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                images: torch.Tensor, labels: torch.Tensor, *, autocast_dtype: torch.dtype | None = None,
-               channels_last: bool = False, epoch: int = 0, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on one batch (shapes as :func:`forward_loss`); ``epoch`` and ``step`` are
-    what the step hooks see.
+               channels_last: bool = False, epoch: int = 0, step: int = 0, recipe: str = BOOK
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch (shapes and ``recipe`` as :func:`forward_loss`); ``epoch`` and
+    ``step`` are what the step hooks see.
 
     Returns the loss the step took (0-dim, detached; a hook may have replaced it) and the batch's
     metric sums ``float64 Tensor[6]``. Nothing here reads a tensor on the host.
     """
-    loss, stats = forward_loss(model, images, labels, autocast_dtype=autocast_dtype, channels_last=channels_last)
+    loss, stats = forward_loss(model, images, labels, autocast_dtype=autocast_dtype, channels_last=channels_last,
+                               recipe=recipe)
     if _step_hooks:
         loss = _run_step_hooks(TrainStep(epoch, step, images, loss, model))
     optimizer.zero_grad(set_to_none=True)

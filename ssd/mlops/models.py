@@ -29,6 +29,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from ssd.core.model import ModelFile, TinySSD, read_model
+from ssd.core.recipe import detection_settings
 from ssd.engine.inference import (DEFAULT_IMAGE_SIZE, DEFAULT_NMS_THRESHOLD, PER_CLASS_NMS, Detector, ModelSource,
                                   best_device)
 from ssd.mlops.records import version_uri
@@ -97,8 +98,9 @@ def load_detector(model: str | Path, image_size: int | None = None, nms_threshol
 
 
 def file_settings(file: ModelFile) -> dict[str, Any]:
-    """What a model file says about itself: its classes, and the image size it was trained at if recorded."""
-    out: dict[str, Any] = {"data.classes": list(file.net.config.classes)}
+    """What a model file says about itself: its classes, the image size it was trained at if recorded,
+    and what its recipe detects with (``ssd.core.recipe.detection_settings``: nothing for ``book``)."""
+    out: dict[str, Any] = {"data.classes": list(file.net.config.classes), **detection_settings(file.recipe)}
     if file.image_size is not None:
         out["data.image_size"] = file.image_size
     return out

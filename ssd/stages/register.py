@@ -63,9 +63,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    record = register(common.settings(args, PARAMS), args.model, args.eval, args.run_file, args.out, args.data)
+    record = register(_settings(args), args.model, args.eval, args.run_file, args.out, args.data)
     print(json.dumps(record, indent=2))
     return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The params; for a model whose recipe carries its detection settings (``ssd.core.recipe``), with
+    those and the display threshold its evaluation chose (``threshold_from`` in eval.json) taken as
+    ``ssd evaluate`` takes them (``ssd.stages.model_params``)."""
+    from ssd.core.model import read_model
+    from ssd.core.recipe import picks_threshold
+    from ssd.mlops.models import file_settings
+    from ssd.stages import model_params
+
+    file = read_model(args.model) if Path(args.model).is_file() else None  # register() names a missing one
+    if file is None or not picks_threshold(file.recipe):
+        return common.settings(args, PARAMS)
+    model = file_settings(file)
+    metrics = json.loads(Path(args.eval).read_text()) if Path(args.eval).is_file() else {}
+    if "threshold_from" in metrics:
+        model["evaluate.threshold"] = metrics["threshold"]
+    settings, _ = model_params.resolve(model_params.given_params(args, PARAMS), PARAMS, model, args.model)
+    return settings
 
 
 @dataclass(frozen=True)

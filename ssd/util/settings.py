@@ -24,6 +24,7 @@ from typing import Any, Callable
 # Allowed values, named once: the schema checks them and the code that branches on them imports them.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
+RECIPES = ("book", "photos")  # train.recipe; ssd.core.recipe says what each does
 NMS_MODES = ("agnostic", "per_class")
 LOADERS = ("auto", "memory", "stream")  # data.loader; ssd.data.dataset says what each does
 MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -171,6 +172,7 @@ class TrainSettings(_Section):
     augment: bool = _key(boolean())
     lr_schedule: str = _key(one_of(*LR_SCHEDULES))
     warmup_epochs: float = _key(number(0))  # at most train.epochs: checked by the train stage
+    recipe: str = _key(one_of(*RECIPES))
 
 
 @dataclass(frozen=True)

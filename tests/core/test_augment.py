@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ssd.core.augment import crop, epoch_generator, hflip, photometric_distort, random_crop, random_hflip, ssd_augment
+from ssd.core.augment import (crop, epoch_generator, hflip, mosaic, photometric_distort, photos_augment, random_crop,
+                              random_hflip, ssd_augment, zoom_out)
 
 S = 32
 
@@ -108,6 +109,48 @@ class TestPhotometric:
         assert (out.int() - 100).abs().max() <= 1
 
 
+class TestZoomOut:
+    def test_the_box_shrinks_with_its_pixels_onto_a_canvas_of_the_mean_colour(self):
+        images, labels = batch(16)
+        out, out_labels = zoom_out(images, labels, gen(), max_scale=3.0, p=1.0)
+        assert out.dtype == torch.uint8 and out.shape == images.shape and out_labels.shape == labels.shape
+        for i in range(16):
+            box = out_labels[i, 0, 1:]
+            assert (box[2] - box[0]) < (BOX[2] - BOX[0]) and filled_box(out[i]) == pytest.approx(box.tolist(), abs=2 / S)
+        mean = images.float().mean()
+        corners = out[:, :, [0, 0, -1, -1], [0, -1, 0, -1]].float()  # at least one corner is canvas
+        assert ((corners - mean).abs() <= 1).any(dim=-1).all()
+        assert out_labels[:, 1].eq(-1).all()
+
+    def test_nothing_changes_when_p_is_zero(self):
+        images, labels = batch(4)
+        out, out_labels = zoom_out(images, labels, gen(), p=0.0)
+        assert torch.equal(out, images) and torch.equal(out_labels, labels)
+
+
+class TestMosaic:
+    def test_four_images_at_half_size_with_their_boxes(self):
+        # Four images, each with its box in another place: each quadrant holds one, halved.
+        boxes = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.25, 0.25, 0.75, 0.75)]
+        images = torch.stack([marked(b) for b in boxes])
+        labels = torch.tensor([[[k, *b]] for k, b in enumerate(boxes)], dtype=torch.float32)
+        out, out_labels = mosaic(images, labels, gen(), p=1.0)
+        assert out_labels.shape == (4, 4, 5) and out.shape == images.shape
+        for i in range(4):
+            for k in range(4):  # the k-th quadrant holds the box of the k-th image placed there, halved
+                cls, x1, y1, x2, y2 = out_labels[i, k].tolist()
+                ox, oy = (k % 2) * 0.5, (k // 2) * 0.5
+                assert [x1, y1, x2, y2] == pytest.approx([v * 0.5 + o for v, o in zip(boxes[int(cls)], (ox, oy) * 2)])
+                x1, y1, x2, y2 = (round(v * S) for v in (x1, y1, x2, y2))
+                assert out[i, 0, y1:y2, x1:x2].float().mean() > 200  # the box's pixels came along
+
+    def test_an_image_left_alone_keeps_its_rows_then_padding(self):
+        images, labels = batch(3)
+        out, out_labels = mosaic(images, labels, gen(), p=0.0)
+        assert torch.equal(out, images)
+        assert torch.equal(out_labels[:, :2], labels) and out_labels[:, 2:].eq(-1).all()
+
+
 class TestWhole:
     def test_a_seed_fixes_the_result_and_another_changes_it(self):
         images, labels = batch(8)
@@ -117,6 +160,15 @@ class TestWhole:
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert not torch.equal(a[0], c[0])
         assert a[0].shape == images.shape and a[1].shape == labels.shape
+
+    def test_the_photos_recipe_keeps_boxes_valid_and_a_seed_fixes_it(self):
+        images, labels = batch(16)
+        a, b = photos_augment(images, labels, gen(3)), photos_augment(images, labels, gen(3))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        real = a[1][..., 0] >= 0
+        boxes = a[1][real][:, 1:]
+        assert real.any(dim=1).all() and boxes.min() >= 0 and boxes.max() <= 1
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
     def test_epoch_generators_differ_by_epoch_and_rank(self):
         draws = {tuple(torch.rand(3, generator=epoch_generator(0, e, r, "cpu")).tolist())

@@ -1,4 +1,6 @@
 """TinySSD: output shapes, layout independence, gradients, the chapter's state dict, model files."""
+from dataclasses import asdict
+
 import d2l.torch as d2l
 import pytest
 import torch
@@ -203,6 +205,37 @@ class TestModelFiles:
             load_model(path)
 
 
+class TestWidthAndFusion:
+    def test_the_book_net_has_neither_and_its_files_load_as_before(self, tmp_path):
+        assert SSDConfig().width == 1.0 and SSDConfig().fusion is False
+        blob = {"config": {k: v for k, v in asdict(SSDConfig()).items() if k not in ("width", "fusion")},
+                "model": TinySSD().state_dict()}  # a file written before the two knobs existed
+        torch.save(blob, tmp_path / "old.pt")
+        assert load_model(tmp_path / "old.pt").config == SSDConfig()
+
+    def test_a_wider_fused_net_is_saved_with_its_config_and_rebuilt_from_it(self, tmp_path):
+        torch.manual_seed(3)
+        model = TinySSD(2, classes=["a", "b"], width=1.5, fusion=True, image_size=64).eval()
+        keys = list(model.state_dict())
+        assert any(k.startswith("top_down.") for k in keys) and model.blk_1[0].out_channels == 192
+        save_model(model, tmp_path / "m.pt")
+        loaded = load_model(tmp_path / "m.pt")
+        assert loaded.config == model.config and loaded.config.width == 1.5 and loaded.config.fusion
+        x = images(2, 64, 64)
+        with torch.no_grad():
+            for o, r in zip(loaded(x), model(x)):
+                assert torch.equal(o, r)
+            plain = TinySSD(2, classes=["a", "b"], width=1.5, image_size=64).eval()
+            plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("top_down.")})
+            assert not torch.equal(plain(x)[1], model(x)[1])  # the fusion changes what the heads see
+
+    def test_fusion_passes_gradients_to_every_scale(self):
+        model = TinySSD(1, fusion=True)
+        _, cls_preds, bbox_preds = model(images(2, 64, 64))
+        (cls_preds.sum() + bbox_preds.sum()).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 class TestConfig:
     def test_defaults_are_the_seed(self):
         cfg = SSDConfig()
@@ -213,6 +246,8 @@ class TestConfig:
         ({"sizes": [[0.2]] * 4}, "5 scales"),
         ({"sizes": [[0.2], [0.3, 0.4], [0.5], [0.6], [0.7]]}, "same number of sizes"),
         ({"num_classes": 2}, "1 class names for num_classes=2"),
+        ({"width": 0.1}, "width must be in"),
+        ({"fusion": "yes"}, "fusion a bool"),
     ])
     def test_invalid(self, kwargs, match):
         with pytest.raises(ValueError, match=match):

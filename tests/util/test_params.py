@@ -124,7 +124,9 @@ class TestSchema:
         ("data.synthetic={seed: 1}", "-S data.synthetic={seed: 1}: data.synthetic.train is missing: "
                                      "expected an integer >= 1"),
         ("train=5", "-S train=5: expected a section with epochs, batch_size, lr, weight_decay, momentum, nproc, "
-                    "precision, channels_last, compile, deterministic, num_workers, augment, lr_schedule, warmup_epochs"),
+                    "precision, channels_last, compile, deterministic, num_workers, augment, lr_schedule, warmup_epochs, "
+                    "recipe"),
+        ("train.recipe=fast", "-S train.recipe=fast: expected one of book, photos"),
         ("train.lr=[1,", "-S train.lr=[1,: not valid YAML: expected the node content, but found '<stream end>'"),
     ])
     def test_refused_override_values(self, params_file, override, message):
@@ -137,7 +139,7 @@ class TestSchema:
         ("epochs: 20", "epochs: 1.5", "train.epochs=1.5: expected an integer >= 1"),
         ("  lr: 0.2 ", "  lr: ", "train.lr=None: expected a number > 0"),
         ("  epochs: 20", "  epochs: 20\n  epoch: 5", "unknown key 'train.epoch': expected one of epochs, batch_size, "
-         "lr, weight_decay, momentum, nproc, precision, channels_last, compile, deterministic, num_workers, augment, lr_schedule, warmup_epochs in train"),
+         "lr, weight_decay, momentum, nproc, precision, channels_last, compile, deterministic, num_workers, augment, lr_schedule, warmup_epochs, recipe in train"),
         ("  epochs: 20\n", "", "train.epochs is missing: expected an integer >= 1"),
         ("base:\n  seed: 0\n", "", "base is missing: expected a section with seed"),
         ("registry:", "extra: 1\nregistry:", "unknown key 'extra': expected one of base, data, model, train, "
