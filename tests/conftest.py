@@ -27,14 +27,15 @@ def _no_ambient_tracking(monkeypatch):
 
 def pytest_runtest_setup(item):
     """Each test starts with MLflow pointing nowhere. ``mlflow.set_tracking_uri`` (and the registry's)
-    also exports ``MLFLOW_TRACKING_URI``: a test that pointed MLflow at its server would otherwise send
-    every later subprocess there, module-scoped fixtures included (they are set up before the
+    also exports ``MLFLOW_TRACKING_URI``, and ``mlflow.set_experiment`` ``MLFLOW_EXPERIMENT_ID``: a test
+    that pointed MLflow at its server would otherwise send every later subprocess there (or to an
+    experiment id its own store lacks), module-scoped fixtures included (they are set up before the
     function-scoped fixture above runs)."""
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         os.environ.pop(key, None)
 
 

@@ -6,8 +6,10 @@ import re
 import urllib.request
 from urllib.parse import quote, unquote
 
+from ssd.mlops.links import TRAINING_WORKFLOW
+
 RUN = r"experiments/([^/]+)/runs/([^/]+)"
-ROUTES = {"run": re.compile(RUN), "artifact": re.compile(RUN + r"/artifactPath/(.+)"),
+ROUTES = {"experiment": re.compile(r"experiments/([^/]+)/runs\?" + re.escape(TRAINING_WORKFLOW)), "run": re.compile(RUN), "artifact": re.compile(RUN + r"/artifactPath/(.+)"),
           "model_version": re.compile(r"models/([^/]+)/versions/([^/]+)")}
 
 
@@ -19,7 +21,8 @@ def get(url: str) -> tuple[int, str, bytes]:
 def resolve(server: str, url: str) -> tuple[str, tuple]:
     """``(kind, what)`` for the UI address ``url`` of ``server``: ``("run", (experiment, run))``,
     ``("artifact", (experiment, run, path))`` or ``("model_version", (name, version))``; fails the
-    test unless the page answers and the thing exists on the server."""
+    test unless the page answers and the thing exists on the server; ``("experiment", (experiment,))``
+    for the experiment's training runs."""
     import mlflow
 
     page, _, route = url.partition("/#/")
@@ -32,7 +35,9 @@ def resolve(server: str, url: str) -> tuple[str, tuple]:
         if not match:
             continue
         parts = tuple(unquote(p) for p in match.groups())
-        if name == "model_version":
+        if name == "experiment":
+            assert client.get_experiment(parts[0]).experiment_id == parts[0], url
+        elif name == "model_version":
             assert client.get_model_version(*parts).version == parts[1]
         else:
             assert client.get_run(parts[1]).info.experiment_id == parts[0], url

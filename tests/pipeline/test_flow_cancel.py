@@ -192,7 +192,8 @@ def test_two_runs_at_once_one_resuming_the_cancelled_one(served, cancelled, mlfl
     found = {}
     for key, run in finals.items():
         pages = dict(resolve(mlflow_server, url) for url in summary_links(artifact(run.id).data))
-        assert set(pages) == {"run", "model_version", "artifact"}, pages  # the run, its version, its gallery
+        # the experiment's training runs, the run, its version, its gallery
+        assert set(pages) == {"experiment", "run", "model_version", "artifact"}, pages
         found[key] = client.get_run(pages["run"][1])
         assert pages["model_version"][0] == "tinyssd-cancel-test"
     for key, overrides in (("resumed", RESUMED), ("other", OTHER)):
