@@ -9,7 +9,8 @@ from urllib.parse import quote, unquote
 from ssd.mlops.links import TRAINING_WORKFLOW
 
 RUN = r"experiments/([^/]+)/runs/([^/]+)"
-ROUTES = {"experiment": re.compile(r"experiments/([^/]+)/runs\?" + re.escape(TRAINING_WORKFLOW)), "run": re.compile(RUN), "artifact": re.compile(RUN + r"/artifactPath/(.+)"),
+ROUTES = {"experiment": re.compile(r"experiments/([^/]+)/runs\?" + re.escape(TRAINING_WORKFLOW)),
+          "run": re.compile(RUN), "artifact": re.compile(RUN + r"/artifactPath/(.+)"),
           "model_version": re.compile(r"models/([^/]+)/versions/([^/]+)")}
 
 
