@@ -77,7 +77,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     from ssd.mlops.models import file_settings
     from ssd.stages import model_params
 
-    file = read_model(args.model) if Path(args.model).is_file() else None  # register() names a missing one
+    try:
+        file = read_model(args.model)
+    except (OSError, ValueError):  # register() names a missing file, and registers one that does not load
+        file = None                 # with its load check failed
     if file is None or not picks_threshold(file.recipe):
         return common.settings(args, PARAMS)
     model = file_settings(file)
