@@ -98,3 +98,27 @@ def test_export_writes_the_fused_net_with_its_nms_and_onnx_gives_its_detections(
     assert rc == 0  # the stage compares the graph's detections with PyTorch's before it writes the file
     meta = json.loads(capsys.readouterr().out)
     assert meta["ssd.nms"] == "per_class" and meta["ssd.image_size"] == "64" and (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.slow  # a registration: pyfunc, load check and ONNX export, in a SQLite store
+def test_register_gives_the_version_the_recipe_nms_and_the_threshold_evaluate_chose(photos_model, tmp_path):
+    import mlflow
+
+    from ssd.mlops.models import open_model
+    from ssd.mlops.provenance import PROVENANCE_KEYS
+    from ssd.mlops.tracking import write_run_file
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(tags={key: key for key in PROVENANCE_KEYS}) as run:  # as training tags it
+        pass
+    write_run_file(run.info.run_id, uri, tmp_path / "mlflow_run.json")
+    assert evaluate(photos_model, tmp_path / "r") == 0
+    chosen = json.loads((tmp_path / "r" / "eval.json").read_text())["threshold"]
+    assert chosen != 0.9  # not params.yaml's, or the test could not tell
+    rc = cli_main(["register", "-S", "registry.model_name=tinyssd-photos", "--model", str(photos_model / "photos.pt"),
+                   "--eval", str(tmp_path / "r" / "eval.json"), "--run-file", str(tmp_path / "mlflow_run.json"),
+                   "--out", str(tmp_path / "registration.json"), "--data", str(photos_model / "data")])
+    assert rc == 0
+    settings = open_model("models:/tinyssd-photos/1", device="cpu").settings
+    assert settings["evaluate.threshold"] == chosen and settings["evaluate.nms"] == "per_class"
