@@ -202,7 +202,9 @@ def test_unreachable_server_fails_in_seconds(tmp_path):
                             capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - started
     assert result.returncode == 75, result.stderr[-2000:]
-    assert "is unreachable" in result.stderr and elapsed < 10, elapsed  # checked before MLflow is imported
+    # Checked before MLflow is imported; MLflow's own retries took minutes. The bound leaves room for
+    # the interpreter and torch to start on a loaded machine (10.7 s seen at a load of 6 on 2 cores).
+    assert "is unreachable" in result.stderr and elapsed < 30, elapsed
     assert not run["out"].exists()
 
 
