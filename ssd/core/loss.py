@@ -5,8 +5,9 @@ anchor's offset slots (zero for background), so a few positive anchors among tho
 weight. :func:`detection_loss` is the SSD paper's form of it: the class error of the positive anchors
 and of the hard negatives (``hard_negative_ce``, 3 negatives per positive) or of all anchors under focal
 modulation (``focal_ce``), plus a box error on the positive anchors only (GIoU of the decoded boxes,
-smooth L1 of the offsets), all divided by the number of positive anchors. The metric helpers return 0-dim tensors instead of the book's Python floats, so a training
-loop can add them up on the device and read them once per epoch (no host sync per step).
+smooth L1 of the offsets), all divided by the number of positive anchors. The metric helpers return
+0-dim tensors instead of the book's Python floats, so a training loop can add them up on the device and
+read them once per epoch (no host sync per step).
 """
 from __future__ import annotations
 

@@ -68,13 +68,17 @@ def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(*blk)
 
 
+def _scaled(counts: tuple[int, ...], width: float) -> list[int]:
+    return [max(1, round(c * width)) for c in counts]
+
+
 def channels(width: float = 1.0) -> list[int]:
     """Output channels of the five blocks (the book's: 64, 128, 128, 128, 128) times ``width``."""
-    return [max(1, round(c * width)) for c in (64, 128, 128, 128, 128)]
+    return _scaled((64, 128, 128, 128, 128), width)
 
 
 def base_net(width: float = 1.0) -> nn.Sequential:
-    filters = [3, *[max(1, round(c * width)) for c in (16, 32, 64)]]
+    filters = [3, *_scaled((16, 32, 64), width)]
     return nn.Sequential(*[down_sample_blk(filters[i], filters[i + 1]) for i in range(len(filters) - 1)])
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from ssd.core.anchor_fit import fit_anchors
 from ssd.core.boxes import check_boxes
 from ssd.core.model import TinySSD, feature_map_sizes
-from ssd.core.recipe import PHOTOS_RECIPE, is_photos
+from ssd.core.recipe import BOOK, PHOTOS_RECIPE, is_photos
 from ssd.core.schedule import lr_factor
 from ssd.data.dataset import DetectionDataset, StreamDataset, decode_workers, make_loader, open_split
 from ssd.data.labels import LabelLimits
@@ -39,7 +39,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loader: torch.utils.data.DataLoader
-    recipe: str = "book"     # train.recipe
+    recipe: str = BOOK       # train.recipe
     ema: WeightAverage | None = None  # the recipe's average of the weights (what gets saved), if any
 
     @property
@@ -74,7 +74,8 @@ def build(settings: Settings, data: Path, info: dist.DistInfo) -> Setup:
         raise ValueError(f"{what}={batch_size} is the global batch and must divide evenly "
                          f"over {info.world_size} processes")
     precision = resolve_precision(train.precision, device)
-    lr_factor(schedule(train)[0], train.epochs, schedule(train)[1])  # refused before any file is touched
+    kind, warmup = schedule(train)
+    lr_factor(kind, train.epochs, warmup)  # refused before any file is touched
     _seed_everything(seed, train.deterministic)
     dataset = open_split(data, "train", settings.data.image_size, settings.data.classes,
                          settings.data.max_image_pixels, LabelLimits.of(settings.data), settings.data.loader)

@@ -1,7 +1,8 @@
 """One training step, the one that ``ssd train``, the benchmarks and the tests all run.
 
 :func:`train_step` is a whole optimizer step on one batch: the recipe's loss under autocast
-(:func:`forward_loss`; ``train.recipe``: the seed's for ``book``), the step hooks, backward through the loss scaler and the optimizer's step.
+(:func:`forward_loss`; ``train.recipe``: the seed's for ``book``), the step hooks, backward through the
+loss scaler and the optimizer's step.
 :class:`Tally` adds up an epoch's steps on the device, so that no step waits for the host.
 """
 from __future__ import annotations
