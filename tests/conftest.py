@@ -30,11 +30,13 @@ def pytest_runtest_setup(item):
     also exports ``MLFLOW_TRACKING_URI``, and ``mlflow.set_experiment`` ``MLFLOW_EXPERIMENT_ID``: a test
     that pointed MLflow at its server would otherwise send every later subprocess there (or to an
     experiment id its own store lacks), module-scoped fixtures included (they are set up before the
-    function-scoped fixture above runs)."""
+    function-scoped fixture above runs). The experiment is also remembered in the process: a later
+    in-process ``mlflow.start_run`` against another store would look for it there."""
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        mlflow.tracking.fluent._active_experiment_id = None  # no public way to forget it
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         os.environ.pop(key, None)
 
