@@ -17,7 +17,8 @@ they started with and none waits or fails during the swap. A promotion is served
 
 A poll or load that fails (registry unreachable, a version that is not a TinySSD or does not detect)
 leaves the current version serving; the error is kept for ``/health`` (:meth:`Follower.status`) and
-logged once per distinct message. A version refused for what it is (not a transient error) is not
+logged once per distinct problem: an unreachable registry is logged once while it stays unreachable,
+whatever each failed connection said (refused, reset, timed out). A version refused for what it is (not a transient error) is not
 downloaded again: registered versions do not change. Any other model (``models:/<name>/<N>``, a run's
 model, a file) is loaded once; the thread only retries until that first load succeeds.
 """
@@ -70,6 +71,9 @@ def utc(seconds: float | None) -> str | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
+_TRANSIENT = "transient"  # the one problem all transient errors are logged as
+
+
 def one_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
 
@@ -88,6 +92,7 @@ class Follower:
         self.alias_version: int | None = None  # what the alias named at the last poll that reached the registry
         self.last_poll: float | None = None
         self.error: str | None = None           # the last poll's error; None when it succeeded
+        self._logged: str | None = None         # the problem last logged (TRANSIENT for any transient error)
         self._refused: dict[int, str] = {}      # versions that failed to load or detect, not transiently
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,15 +118,16 @@ class Follower:
         """One poll; never raises (the error is kept and logged once)."""
         try:
             self._poll()
-            error = None
+            error = problem = None
         except Exception as exc:  # a registry or a model can fail in any way: the server keeps serving
             error = one_line(exc)
+            problem = _TRANSIENT if is_transient(exc) else error
         self.last_poll = time.time()
-        if error != self.error:
+        if problem != self._logged:
             serving = f"serving version {self.current.version or self.current.detector.source.uri}" \
                 if self.current else "no model loaded"
             self._log(f"ssd serve: poll failed ({serving}): {error}" if error else "ssd serve: poll ok again")
-        self.error = error
+        self.error, self._logged = error, problem
 
     def _poll(self) -> None:
         if self.alias is None:

@@ -3,6 +3,8 @@ and with a registry that does not answer (the end-to-end service: tests/pipeline
 import base64
 import io
 import json
+import socket
+import threading
 import time
 from contextlib import nullcontext
 from http import HTTPStatus
@@ -94,3 +96,25 @@ def test_an_unreachable_registry_is_kept_for_health_and_logged_once(monkeypatch)
     assert status["status"] == "unavailable" and status["model"] is None and status["last_poll"]
     assert "is unreachable" in status["last_poll_error"]
     assert len(lines) == 1 and lines[0].startswith("ssd serve: poll failed (no model loaded): MLflow tracking server")
+
+
+def test_a_registry_unreachable_in_several_ways_is_logged_once(monkeypatch):
+    """A registry going down answers each poll differently (connections closed unanswered while it
+    stops, then refused): one problem, one log line; /health keeps the latest message."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    closing = threading.Thread(target=lambda: [listener.accept()[0].close() for _ in range(2)], daemon=True)
+    closing.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    lines = []
+    follower = Follower("models:/tinyssd@champion", lambda uri: pytest.fail("nothing to load"), poll_seconds=1,
+                        gate=nullcontext(), log=lines.append)
+    follower.poll()
+    closed = follower.error
+    follower.poll()
+    closing.join(5)
+    listener.close()
+    follower.poll()
+    refused = follower.error
+    assert "is unreachable" in closed and "is unreachable" in refused and closed != refused
+    assert len(lines) == 1 and closed in lines[0]
