@@ -18,9 +18,10 @@ they started with and none waits or fails during the swap. A promotion is served
 A poll or load that fails (registry unreachable, a version that is not a TinySSD or does not detect)
 leaves the current version serving; the error is kept for ``/health`` (:meth:`Follower.status`) and
 logged once per distinct problem: an unreachable registry is logged once while it stays unreachable,
-whatever each failed connection said (refused, reset, timed out). A version refused for what it is (not a transient error) is not
-downloaded again: registered versions do not change. Any other model (``models:/<name>/<N>``, a run's
-model, a file) is loaded once; the thread only retries until that first load succeeds.
+whatever each failed connection said (refused, reset, timed out). A version refused for what it is
+(not a transient error) is not downloaded again: registered versions do not change. Any other model
+(``models:/<name>/<N>``, a run's model, a file) is loaded once; the thread only retries until that
+first load succeeds.
 """
 from __future__ import annotations
 
